@@ -1,0 +1,79 @@
+"""Pretraining throughput: tokens/s and model FLOPs utilisation for the whole training step
+(data loading, forward, backward, optimizer) at the reference config.
+
+    python benchmarks/throughput.py [--steps 30] [--profile] [key=value ...]
+
+MFU is against --peak-tflops, or, by default, the measured float32 matmul rate of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from forgetless import config, parallel
+from forgetless.config import PretrainConfig
+from forgetless.data import catalog
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.model import build_model, flops_per_token, token_losses
+from forgetless.optim import build_optimizer
+from forgetless.train import Run, train_step
+
+REFERENCE = ["model.hidden=128", "model.layers=4", "model.head_dim=32", "model.seq_len=128",
+             "model.vocab=4096", "opt.batch_size=32", "data=stdlib-prose"]
+
+
+def matmul_peak_tflops(n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = config.load(PretrainConfig, None, REFERENCE + args.overrides)
+    parallel.init(cfg.seed)
+    _, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len, cfg.model.vocab,
+                                  cfg.data_opts)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.parameters(), cfg.opt)
+    loader = Loader(StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed),
+                    cfg.data_opts.workers)
+    run = Run(run_dir=None, model=model, optimizer=optimizer, loader=loader,
+              loss_fn=lambda batch: (token_losses(model, batch).mean(), {}),
+              eval_fn=dict, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
+              tokens_per_step=cfg.opt.batch_size * cfg.model.seq_len, total_steps=None,
+              checkpoint_state=dict)
+    for _ in range(args.warmup):
+        train_step(run, next(loader))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(run, next(loader))
+    seconds = time.perf_counter() - start
+    tokens_per_s = args.steps * run.tokens_per_step / seconds
+    peak = args.peak_tflops or matmul_peak_tflops()
+    mfu = tokens_per_s * flops_per_token(cfg.model) / (peak * 1e12)
+    achieved = tokens_per_s * flops_per_token(cfg.model) / 1e12
+    print(f"threads {torch.get_num_threads()}  step {seconds / args.steps * 1e3:.0f} ms  "
+          f"tokens/s {tokens_per_s:,.0f}  model {achieved:.3f} TFLOP/s  "
+          f"peak {peak:.3f} TFLOP/s  MFU {mfu:.1%}")
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            for _ in range(5):
+                train_step(run, next(loader))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from forgetless.cli import main
+
+sys.exit(main())

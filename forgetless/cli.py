@@ -1,0 +1,55 @@
+"""The `forgetless` command: `forgetless <program> [recipe] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from forgetless import config
+from forgetless.errors import UserError
+
+PROGRAMS = {
+    # command: (module:function under forgetless.recipes, config schema, help)
+    "pretrain": ("pretrain:run", config.PretrainConfig, "pretrain a GPT on token shards"),
+    "evaluate": ("evaluate:run", config.EvaluateConfig, "validation loss of a checkpoint"),
+    "data prepare": ("prepare:run", config.PrepareConfig, "tokenize a source into shards"),
+    "data tokenizer": ("prepare:train_tokenizer", config.TokenizerConfig,
+                       "train a BPE tokenizer on sources"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgetless",
+        description="Pretrain, finetune and release language models that forget less.",
+        epilog="Programs: " + "; ".join(f"{k}: {v[2]}" for k, v in PROGRAMS.items())
+        + ". Settings are key=value (e.g. "
+        "model.hidden=128); a first argument ending in .yaml, or a recipe name, sets defaults.",
+    )
+    parser.add_argument("program", choices=sorted({p.split()[0] for p in PROGRAMS}))
+    parser.add_argument("args", nargs="*", help="[recipe] key=value ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rest = list(args.args)
+    program = args.program
+    if program == "data":
+        program = f"data {rest.pop(0) if rest else ''}"
+        if program not in PROGRAMS:
+            print("forgetless data: expected `data prepare` or `data tokenizer`", file=sys.stderr)
+            return 2
+    target, schema, _ = PROGRAMS[program]
+    module, function = target.split(":")
+    recipe = rest.pop(0) if rest and "=" not in rest[0] else None
+    try:
+        cfg = config.load(schema, recipe, rest)
+        result = getattr(importlib.import_module(f"forgetless.recipes.{module}"), function)(cfg)
+    except UserError as e:
+        print(f"forgetless {program}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0

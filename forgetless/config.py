@@ -1,0 +1,277 @@
+"""One typed config schema: dataclass defaults, overridden by a YAML recipe, then key=value.
+
+Unknown keys and invalid values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from forgetless.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    layers: int = 4
+    head_dim: int = 32
+    heads: int = 0  # 0: hidden // head_dim
+    ffn_hidden: int = 0  # 0: 4 * hidden (gelu) or 8/3 * hidden rounded up to 64 (swiglu)
+    seq_len: int = 128
+    vocab: int = 4096
+    mlp: str = "swiglu"
+    qk_norm: bool = True
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "layers", "head_dim", "seq_len", "vocab"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _check(self.seq_len >= 2, "model.seq_len", "must be at least 2")
+        _one_of(self.mlp, "model.mlp", ("swiglu", "gelu"))
+        _check(self.heads >= 0, "model.heads", "must be >= 0")
+        _check(self.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0")
+        _check(self.heads or self.hidden % self.head_dim == 0, "model.head_dim",
+               "must divide model.hidden (or set model.heads)")
+
+    # Derived sizes are properties, not rewritten fields: defaults are validated before
+    # overrides apply, so a value derived then would be stale.
+    @property
+    def num_heads(self) -> int:
+        return self.heads or self.hidden // self.head_dim
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-8 * self.hidden // 3 // 64) * 64 if self.mlp == "swiglu" else 4 * self.hidden
+
+    def resolved(self) -> dict:
+        """Every architecture-defining value, derived ones filled in."""
+        return {**asdict(self), "heads": self.num_heads, "ffn_hidden": self.ffn_size}
+
+
+@dataclass
+class OptConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "opt.lr", "must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "opt.min_lr_ratio", "must be in [0, 1]")
+        _one_of(self.schedule, "opt.schedule", ("constant", "cosine"))
+        _check(self.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")
+        _check(0 <= self.beta1 < 1, "opt.beta1", "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "opt.beta2", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "opt.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "opt.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(self.batch_size > 0, "opt.batch_size", "must be positive")
+
+
+@dataclass
+class StopConfig:
+    """Training stops at the first condition reached; at least one must be set."""
+
+    tokens: int | None = None
+    tokens_per_param: float | None = None
+    epochs: float | None = None
+    valid_loss: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("tokens", "tokens_per_param", "epochs", "valid_loss", "steps"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"stop.{key}", "must be positive")
+        _check(
+            any(getattr(self, k) is not None for k in ("tokens", "tokens_per_param", "epochs",
+                                                         "valid_loss", "steps")),
+            "stop",
+            "set at least one of stop.tokens, stop.tokens_per_param, stop.epochs, "
+            "stop.valid_loss, stop.steps",
+        )
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100  # steps between evaluations
+    max_sequences: int = 512  # validation sequences per evaluation (0: all)
+    log_interval: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.interval > 0, "eval.interval", "must be positive")
+        _check(self.max_sequences >= 0, "eval.max_sequences", "must be >= 0")
+        _check(self.log_interval > 0, "eval.log_interval", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 0, "ckpt.interval", "must be >= 0")
+        _check(self.keep >= 1, "ckpt.keep", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """How a corpus becomes token shards (used when `data=` names a source to prepare)."""
+
+    tokenizer: str = "builtin"  # 'builtin' (trained on both stdlib corpora) or a .model path
+    text_field: str = "text"  # JSONL field holding the text
+    valid_fraction: float = 0.05
+    shard_sequences: int = 8192
+    workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(0 < self.valid_fraction < 1, "data_opts.valid_fraction", "must be in (0, 1)")
+        _check(self.shard_sequences > 0, "data_opts.shard_sequences", "must be positive")
+        _check(self.workers >= 0, "data_opts.workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data_opts.shuffle_buffer", "must be >= 1")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FORGETLESS_CACHE", str(Path.home() / ".cache" / "forgetless"))
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    data: str = "stdlib-prose"  # built-in corpus, local source, or a prepared manifest.json
+    cache_dir: str = field(default_factory=default_cache_dir)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    opt: OptConfig = field(default_factory=OptConfig)
+    stop: StopConfig = field(default_factory=lambda: StopConfig(tokens=1_000_000))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data_opts: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir", "is required")
+        _check(bool(self.data), "data", "is required (a built-in corpus, source or manifest)")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "stdlib-prose"
+    out: str = ""  # directory for shards and manifest; '' uses the cache
+    name: str = ""  # dataset (and domain token) name; '' derives it from the source
+    seq_len: int = 128
+    vocab: int = 4096
+    cache_dir: str = field(default_factory=default_cache_dir)
+    data_opts: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, "seq_len", "must be at least 2")
+        _check(self.vocab > 0, "vocab", "must be positive")
+
+
+@dataclass
+class TokenizerConfig:
+    sources: list[str] = field(default_factory=lambda: ["stdlib-prose", "stdlib-code"])
+    out: str = "runs/tokenizer"
+    vocab: int = 4096
+    domains: list[str] = field(default_factory=list)  # [] : one per source, named after it
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.sources), "sources", "name at least one source")
+        _check(self.vocab > 0, "vocab", "must be positive")
+        _check(not self.domains or len(set(self.domains)) == len(self.domains), "domains",
+               "must be distinct")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = ""  # a checkpoint directory, or a run directory (its newest checkpoint)
+    data: str = ""  # '' evaluates on the checkpoint's own validation data
+    max_sequences: int = 0  # 0: the whole validation split
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "checkpoint", "is required")
+
+
+T = TypeVar("T")
+
+
+def _recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"recipe: file {recipe} does not exist")
+        return path
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"recipe: no recipe named {recipe!r} (known: {known})")
+    return path
+
+
+def load(schema: type[T], recipe: str | None = None, overrides: list[str] = ()) -> T:
+    """Schema defaults <- YAML recipe <- key=value overrides, validated."""
+    layers: list[Any] = [OmegaConf.structured(schema)]
+    if recipe:
+        path = _recipe_path(recipe)
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path}: invalid YAML: {e}") from e
+        if not isinstance(content, dict):
+            raise ConfigError(f"recipe {path}: must be a mapping of keys to values")
+        layers.append(OmegaConf.create(content))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: overrides are key=value")
+        key, _, value = item.partition("=")
+        layers.append(OmegaConf.from_dotlist([f"{key}={value}"]))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def load_dict(schema: type[T], values: dict) -> T:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from e

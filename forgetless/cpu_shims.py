@@ -1,0 +1,55 @@
+"""Workarounds for megatron-core code that assumes CUDA, used only when running on CPU.
+
+Every shim here exists because a megatron-core code path calls CUDA unconditionally;
+on GPUs none of this is installed and the library's normal path runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention through torch's scaled_dot_product_attention.
+
+    Why: megatron's local DotProductAttention takes its score buffer from
+    parallel_state.get_global_memory_buffer(), which allocates on torch.cuda.current_device(),
+    and forks the CUDA RNG tracker for attention dropout. SDPA needs neither.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **_: object):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
+        self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_: object):
+        # megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if k.size(1) != q.size(1):  # grouped-query attention: repeat kv heads
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        s, b = query.size(0), query.size(1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def install() -> None:
+    """Patch the torch.cuda calls megatron-core makes unconditionally; a no-op on GPUs."""
+    if not on_cpu():
+        return
+    # Why: RoPE (rotary_pos_embedding.get_emb) and tensor-parallel layers place tensors on
+    # device=torch.cuda.current_device(); "cpu" keeps them where the model is. A string, not 0,
+    # because index 0 would mean cuda:0 for torch's device parsing.
+    torch.cuda.current_device = lambda: "cpu"
+    # Why: timers and schedules call synchronize between steps; there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None

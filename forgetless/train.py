@@ -1,0 +1,148 @@
+"""The one training loop: steps, logging, evaluation, stopping, checkpoints, resume.
+
+Recipes give it a model, an optimizer, a batch iterator with a state, a loss and an eval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from forgetless import checkpoint
+from forgetless.config import CheckpointConfig, EvalConfig, OptConfig, StopConfig
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.data.shards import Manifest
+from forgetless.metrics import MetricsLog
+from forgetless.model import token_losses
+from forgetless.optim import lr_at, set_lr
+
+
+def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
+                train_tokens: int) -> int | None:
+    """Steps allowed by the token, tokens-per-parameter, epoch and step limits (None: unbounded)."""
+    limits = []
+    if stop.steps:
+        limits.append(stop.steps)
+    for tokens in (stop.tokens,
+                   stop.tokens_per_param and stop.tokens_per_param * n_params,
+                   stop.epochs and stop.epochs * train_tokens):
+        if tokens:
+            limits.append(math.ceil(tokens / tokens_per_step))
+    return min(limits) if limits else None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, manifest: Manifest, batch_size: int,
+             max_sequences: int) -> float:
+    """Mean next-token loss over the fixed validation set (the first max_sequences)."""
+    was_training = model.training
+    model.eval()
+    spec = StreamSpec(manifest, "valid", batch_size, train=False, limit=max_sequences)
+    total, count = 0.0, 0
+    for batch in Loader(spec):
+        losses = token_losses(model, batch)
+        total += losses.double().sum().item()
+        count += losses.numel()
+    model.train(was_training)
+    return total / count
+
+
+@dataclass
+class Run:
+    """What the loop needs; recipes fill it in."""
+
+    run_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Loader
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+    eval_fn: Callable[[], dict]
+    opt: OptConfig
+    stop: StopConfig
+    eval: EvalConfig
+    ckpt: CheckpointConfig
+    tokens_per_step: int
+    total_steps: int | None
+    checkpoint_state: Callable[[], dict]  # config and references stored with each checkpoint
+    step: int = 0
+    tokens: int = 0
+    finished: bool = False  # a stop condition held; a restarted run only evaluates
+
+
+def train_step(run: Run, batch: torch.Tensor) -> tuple[float, float, dict]:
+    loss, extra = run.loss_fn(batch)
+    loss.backward()
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    clip = run.opt.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm, extra
+
+
+def _save(run: Run, log: dict) -> Path:
+    state = {"tokens": run.tokens, "finished": run.finished, "loader": run.loader.state_dict(),
+             "last": log, **run.checkpoint_state()}
+    return checkpoint.save(run.run_dir, run.step, run.model, run.optimizer, state, run.ckpt.keep)
+
+
+def fit(run: Run, log: MetricsLog) -> dict:
+    """Train until a stop condition holds; returns the final evaluation record."""
+    if run.finished:
+        return {"step": run.step, "tokens": run.tokens, **run.eval_fn()}
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", mininterval=1.0,
+               dynamic_ncols=True)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    start = time.perf_counter()
+    record: dict = {}
+    while True:
+        set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
+        loss, grad_norm, extra = train_step(run, next(run.loader))
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            bar.close()
+            raise FloatingPointError(
+                f"step {run.step + 1}: loss {loss}, grad norm {grad_norm}; the last good "
+                f"checkpoint is {checkpoint.latest(run.run_dir)}"
+            )
+        run.step += 1
+        run.tokens += run.tokens_per_step
+        window_loss += loss
+        window_steps += 1
+        bar.update(1)
+        done = run.total_steps is not None and run.step >= run.total_steps
+        evaluate_now = done or run.step % run.eval.interval == 0
+        if evaluate_now or run.step % run.eval.log_interval == 0:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": run.step,
+                "tokens": run.tokens,
+                "train_loss": window_loss / window_steps,
+                "lr": run.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens_per_s": window_steps * run.tokens_per_step / elapsed,
+                "elapsed_s": time.perf_counter() - start,
+                **extra,
+            }
+            if evaluate_now:
+                record.update(run.eval_fn())
+                if run.stop.valid_loss is not None:
+                    done = done or record["valid_ntp"] <= run.stop.valid_loss
+            log.write(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"valid": f"{record['valid_ntp']:.3f}"}
+                               if "valid_ntp" in record else {}))
+        run.finished = done
+        if done or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
+            _save(run, record)
+        if evaluate_now or run.step % run.eval.log_interval == 0:
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if done:
+            bar.close()
+            return record

@@ -1,0 +1,90 @@
+"""`forgetless pretrain`: train a GPT from scratch on token shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from forgetless import checkpoint, config, parallel
+from forgetless.config import ConfigError, ModelConfig, PretrainConfig
+from forgetless.data import catalog
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.metrics import MetricsLog
+from forgetless.model import build_model, count_params, token_losses
+from forgetless.optim import build_optimizer
+from forgetless.train import Run, evaluate, fit, step_budget
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain (or resume, or only evaluate a finished run); returns the final record."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    parallel.init(cfg.seed)
+    tokenizer, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len,
+                                          cfg.model.vocab, cfg.data_opts)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.parameters(), cfg.opt)
+    tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len * parallel.dp_size()
+    n_params = count_params(model, exclude_embeddings=True)
+    total_steps = step_budget(cfg.stop, tokens_per_step, n_params,
+                              manifest.data["train"]["tokens"])
+    if total_steps is None and cfg.opt.schedule == "cosine":
+        raise ConfigError("opt.schedule: cosine needs a step budget (stop.tokens, "
+                          "stop.tokens_per_param, stop.epochs or stop.steps)")
+
+    state = {"step": 0, "tokens": 0, "loader": None, "finished": False}
+    resume_from = checkpoint.latest(run_dir)
+    if resume_from is not None:
+        saved = checkpoint.read_state(resume_from)
+        checkpoint.check_model_config(
+            resume_from, config.load_dict(ModelConfig, saved["config"]["model"]).resolved(),
+            cfg.model.resolved())
+        state = checkpoint.load(resume_from, model, optimizer)
+        print(f"resuming from {resume_from} (step {state['step']})")
+    if state["finished"] and total_steps is not None and state["step"] < total_steps:
+        state["finished"] = False  # the budget was raised: keep training
+
+    spec = StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed,
+                      rank=parallel.dp_rank(), world=parallel.dp_size(),
+                      shuffle_buffer=cfg.data_opts.shuffle_buffer)
+    loader = Loader(spec, cfg.data_opts.workers, state["loader"])
+
+    def loss_fn(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return token_losses(model, batch).mean(), {}
+
+    def eval_fn() -> dict:
+        return {"valid_ntp": evaluate(model, manifest, cfg.opt.batch_size,
+                                      cfg.eval.max_sequences)}
+
+    def checkpoint_state() -> dict:
+        return {
+            "config": config.to_dict(cfg),
+            "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash},
+            "manifest": str(manifest.path.resolve()),
+            "params": count_params(model),
+            "params_non_embedding": n_params,
+        }
+
+    training = Run(
+        run_dir=run_dir, model=model, optimizer=optimizer, loader=loader, loss_fn=loss_fn,
+        eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
+        tokens_per_step=tokens_per_step, total_steps=total_steps,
+        checkpoint_state=checkpoint_state, step=state["step"], tokens=state["tokens"],
+        finished=state["finished"],
+    )
+    if parallel.is_main():
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+        print(f"model: {count_params(model):,} parameters ({n_params:,} without embeddings); "
+              f"data: {manifest.path} ({manifest.data['train']['tokens']:,} train tokens, "
+              f"unigram entropy {manifest.data['unigram_entropy']:.3f} nats)")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"])
+    try:
+        final = fit(training, log)
+    finally:
+        log.close()
+    final["unigram_entropy"] = manifest.data["unigram_entropy"]
+    return final

@@ -1,0 +1,58 @@
+import torch
+
+from forgetless.config import ModelConfig, OptConfig
+from forgetless.model import build_model, count_params, token_losses
+from forgetless.optim import build_optimizer
+
+TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=32, vocab=512)
+
+
+def test_forward_shapes(megatron_world):
+    model = build_model(ModelConfig(**TINY))
+    tokens = torch.randint(0, 512, (3, 32))
+    positions = torch.arange(31).expand(3, 31)
+    logits = model(tokens[:, :-1], positions, attention_mask=None)
+    assert logits.shape == (3, 31, 512)
+    losses = token_losses(model, tokens)
+    assert losses.shape == (3, 31)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1),
+                                            reduction="none").view(3, 31)
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
+    # untied embeddings, no biases, RMSNorm gains and qk-norm present
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith("bias") for n in names)
+    assert "output_layer.weight" in names and "embedding.word_embeddings.weight" in names
+    assert any("q_layernorm" in n for n in names) and any("k_layernorm" in n for n in names)
+    assert count_params(model) > count_params(model, exclude_embeddings=True)
+
+
+def test_causal(megatron_world):
+    model = build_model(ModelConfig(**TINY)).eval()
+    tokens = torch.randint(0, 512, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 512
+    a = model(tokens, positions, attention_mask=None)
+    b = model(changed, positions, attention_mask=None)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_gelu_variant_builds(megatron_world):
+    model = build_model(ModelConfig(**TINY, mlp="gelu", qk_norm=False))
+    assert token_losses(model, torch.randint(0, 512, (2, 8))).shape == (2, 7)
+
+
+def test_loss_falls_on_tiny_overfit(megatron_world):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY))
+    opt = build_optimizer(model.parameters(), OptConfig(lr=3e-3, weight_decay=0.0))
+    batch = torch.randint(0, 512, (4, 32))
+    first = None
+    for _ in range(80):
+        loss = token_losses(model, batch).mean()
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert first > 6.0 and loss.item() < 0.5
