@@ -50,7 +50,7 @@ def main() -> None:
     optimizer = build_optimizer(model.parameters(), cfg.opt)
     loader = Loader(StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed),
                     cfg.data_opts.workers)
-    run = Run(run_dir=None, model=model, optimizer=optimizer, loader=loader,
+    run = Run(run_dir=None, model=model, optimizer=optimizer, data=loader,
               loss_fn=lambda batch: (token_losses(model, batch).mean(), {}),
               eval_fn=dict, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
               tokens_per_step=cfg.opt.batch_size * cfg.model.seq_len, total_steps=None,

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,10 @@ class Manifest:
     def sequences(self, split: str) -> int:
         return self.data[split]["sequences"]
 
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
     def check(self, seq_len: int | None = None, tokenizer_hash: str | None = None) -> None:
         if seq_len is not None and self.seq_len != seq_len:
             raise DataError(
@@ -90,53 +94,81 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def write_shard(path: Path, sequences: Iterable[np.ndarray], first_key: int = 0,
+                meta: Callable[[int], dict] | None = None) -> int:
+    """Write sequences (uint16) to a tar under a temporary name, then rename; returns the count.
+
+    `meta(i)` may add a JSON record to sample i (replay provenance)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with wds.TarWriter(str(tmp)) as writer:
+        for i, seq in enumerate(sequences):
+            sample = {"__key__": f"{first_key + i:010d}", "tokens.npy": seq.astype(np.uint16)}
+            if meta is not None:
+                sample["meta.json"] = meta(first_key + i)
+            writer.write(sample)
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
 class _SplitWriter:
     """Packs token streams of one split into sequences and shards."""
 
     def __init__(self, out: Path, split: str, seq_len: int, domain: int, shard_sequences: int):
         self.out, self.split, self.seq_len, self.domain = out, split, seq_len, domain
         self.shard_sequences = shard_sequences
-        self.dtype = np.uint16
         self.buffer: list[int] = []
+        self.pending: list[np.ndarray] = []
         self.shards: list[dict] = []
-        self.writer: wds.TarWriter | None = None
-        self.count = 0  # sequences in the open shard
         self.total = 0
-        self.counts = np.zeros(2**16, dtype=np.int64)  # train-split unigram counts
+        self.counts = np.zeros(2**16, dtype=np.int64)  # unigram counts (train split)
 
     def add(self, ids: list[int], eos: int) -> None:
         self.buffer.extend(ids)
         self.buffer.append(eos)
         body = self.seq_len - 1
         while len(self.buffer) >= body:
-            seq = np.array([self.domain, *self.buffer[:body]], dtype=self.dtype)
+            seq = np.array([self.domain, *self.buffer[:body]], dtype=np.uint16)
             del self.buffer[:body]
-            self._write(seq)
-
-    def _write(self, seq: np.ndarray) -> None:
-        if self.writer is None:
-            name = f"{self.split}-{len(self.shards):06d}.tar"
-            self.tmp = self.out / f".{name}.tmp"
-            self.writer = wds.TarWriter(str(self.tmp))
-            self.shards.append({"path": name, "sequences": 0})
-        self.writer.write({"__key__": f"{self.total:010d}", "tokens.npy": seq})
-        self.count += 1
-        self.total += 1
-        self.shards[-1]["sequences"] = self.count
-        if self.split == "train":
             np.add.at(self.counts, seq[1:], 1)
-        if self.count == self.shard_sequences:
-            self.close_shard()
+            self.pending.append(seq)
+            if len(self.pending) == self.shard_sequences:
+                self.flush()
 
-    def close_shard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            os.replace(self.tmp, self.out / self.shards[-1]["path"])
-            self.writer, self.count = None, 0
+    def flush(self) -> None:
+        if self.pending:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            count = write_shard(self.out / name, self.pending, first_key=self.total)
+            self.shards.append({"path": name, "sequences": count})
+            self.total += count
+            self.pending = []
 
     def summary(self) -> dict:
-        self.close_shard()
-        return {"shards": self.shards, "sequences": self.total, "tokens": self.total * self.seq_len}
+        self.flush()
+        return split_summary(self.shards, self.seq_len)
+
+
+def split_summary(shards: list[dict], seq_len: int) -> dict:
+    total = sum(s["sequences"] for s in shards)
+    return {"shards": shards, "sequences": total, "tokens": total * seq_len}
+
+
+def write_manifest(out: Path, name: str, seq_len: int, domain: int, tokenizer: Tokenizer,
+                   splits: dict, **extra) -> None:
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "seq_len": seq_len,
+        "dtype": "uint16",
+        "domain_token": domain,
+        "eos_token": tokenizer.eos_id,
+        "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash,
+                      "vocab": tokenizer.vocab_size},
+        **extra,
+        **splits,
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -198,25 +230,10 @@ def prepare(
                     f"source {source}: no {split} sequence of seq_len {seq_len} from "
                     f"{n_docs} documents; add text, or lower seq_len or raise valid_fraction"
                 )
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            "source": source,
-            "seq_len": seq_len,
-            "dtype": "uint16",
-            "domain_token": domain,
-            "eos_token": tokenizer.eos_id,
-            "tokenizer": {
-                "path": str(tokenizer.path.resolve()),
-                "hash": tokenizer.hash,
-                "vocab": tokenizer.vocab_size,
-            },
-            "documents": n_docs,
-            "unigram_entropy": unigram_entropy(writers["train"].counts),
-            "seconds": round(time.time() - start, 1),
-            **splits,
-        }
-        atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2))
+        write_manifest(stage, name, seq_len, domain, tokenizer, splits, source=source,
+                       documents=n_docs,
+                       unigram_entropy=unigram_entropy(writers["train"].counts),
+                       seconds=round(time.time() - start, 1))
         out.parent.mkdir(parents=True, exist_ok=True)
         publish_dir(stage, out)
     finally:

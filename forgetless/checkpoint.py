@@ -6,6 +6,7 @@ count, loader state, resolved config, and the tokenizer and manifest references.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -99,3 +100,23 @@ def load(path: Path, model: torch.nn.Module,
     except (RuntimeError, EOFError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({e})") from e
     return state
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The model a checkpoint holds, built from the architecture it records, and its state."""
+    from forgetless.config import ModelConfig, load_dict
+    from forgetless.model import build_model
+
+    state = read_state(path)
+    model = build_model(load_dict(ModelConfig, state["model"]))
+    load(path, model)
+    return model, state
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a checkpoint's weights: what replay provenance records."""
+    digest = hashlib.sha256()
+    with open(path / "model.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -107,17 +107,18 @@ class StopConfig:
     epochs: float | None = None
     valid_loss: float | None = None
     steps: int | None = None
+    patience: int | None = None  # early stopping: evaluations without a better valid_ntp
 
     def __post_init__(self) -> None:
-        for key in ("tokens", "tokens_per_param", "epochs", "valid_loss", "steps"):
+        for key in ("tokens", "tokens_per_param", "epochs", "valid_loss", "steps", "patience"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"stop.{key}", "must be positive")
         _check(
             any(getattr(self, k) is not None for k in ("tokens", "tokens_per_param", "epochs",
-                                                         "valid_loss", "steps")),
+                                                         "valid_loss", "steps", "patience")),
             "stop",
             "set at least one of stop.tokens, stop.tokens_per_param, stop.epochs, "
-            "stop.valid_loss, stop.steps",
+            "stop.valid_loss, stop.steps, stop.patience",
         )
 
 
@@ -223,6 +224,103 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "checkpoint", "is required")
+
+
+@dataclass
+class SamplingConfig:
+    """Ancestral sampling; the defaults follow the model's distribution exactly."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
+        _check(self.top_k >= 0, "sampling.top_k", "must be >= 0")
+        _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = ""  # a checkpoint directory, or a run directory (its newest checkpoint)
+    out: str = ""  # directory for replay shards and their manifest
+    samples: int = 1024
+    first_id: int = 0  # sample ids first_id .. first_id + samples - 1
+    seed: int = 0
+    batch_size: int = 64
+    shard_samples: int = 512
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "checkpoint", "is required")
+        _check(bool(self.out), "out", "is required")
+        for key in ("samples", "batch_size", "shard_samples"):
+            _check(getattr(self, key) > 0, key, "must be positive")
+        _check(self.first_id >= 0, "first_id", "must be >= 0")
+
+
+METHODS = ("none", "lora", "replace", "ntp_pre", "kl_pre", "kl_dwn")
+REPLAY_METHODS = ("replace", "ntp_pre", "kl_pre")
+
+
+@dataclass
+class ReplayConfig:
+    source: str = "none"  # none | self (replay.data) | real (previous data) | onthefly
+    data: str = ""  # replay manifest for source=self
+    batch_size: int = 16
+    buffer_batches: int = 16  # onthefly: batches sampled from the teacher at a time
+    seed: int = 1  # onthefly sampling seed
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.source, "replay.source", ("none", "self", "real", "onthefly"))
+        _check(self.source != "self" or bool(self.data), "replay.data",
+               "replay.source=self needs the manifest of `forgetless generate`")
+        _check(self.batch_size > 0, "replay.batch_size", "must be positive")
+        _check(self.buffer_batches > 0, "replay.buffer_batches", "must be positive")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        _check(self.rank > 0, "lora.rank", "must be positive")
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    checkpoint: str = ""  # the pretrained checkpoint (or its run directory)
+    data: str = "stdlib-code"  # the downstream data
+    prev_data: str = ""  # previous-distribution data for prev_*; '' : the checkpoint's
+    method: str = "none"
+    lam: float = 10.0  # the paper's lambda: replay loss weight, or for `replace` the fraction
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cache_dir: str = field(default_factory=default_cache_dir)
+    seed: int = 0
+    threads: int = 0
+    opt: OptConfig = field(default_factory=lambda: OptConfig(
+        lr=1e-3, warmup_steps=10, schedule="constant", weight_decay=0.0))
+    stop: StopConfig = field(default_factory=lambda: StopConfig(tokens=500_000))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(interval=25,
+                                                                max_sequences=256))
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data_opts: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "checkpoint", "is required (a pretrained checkpoint)")
+        _one_of(self.method, "method", METHODS)
+        _check(self.lam >= 0, "lam", f"must be >= 0, got {self.lam}")
+        if self.method == "replace":
+            _check(0 <= self.lam <= 1, "lam",
+                   f"for method=replace it is the replay fraction, in [0, 1]; got {self.lam}")
+        if self.method in REPLAY_METHODS:
+            _check(self.replay.source != "none", "replay.source",
+                   f"method {self.method} needs replay: self, real or onthefly")
 
 
 T = TypeVar("T")

@@ -10,16 +10,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
 from forgetless import checkpoint
 from forgetless.config import CheckpointConfig, EvalConfig, OptConfig, StopConfig
-from forgetless.data.loader import Loader, StreamSpec
-from forgetless.data.shards import Manifest
 from forgetless.metrics import MetricsLog
-from forgetless.model import token_losses
 from forgetless.optim import lr_at, set_lr
 
 
@@ -37,20 +35,12 @@ def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
     return min(limits) if limits else None
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, manifest: Manifest, batch_size: int,
-             max_sequences: int) -> float:
-    """Mean next-token loss over the fixed validation set (the first max_sequences)."""
-    was_training = model.training
-    model.eval()
-    spec = StreamSpec(manifest, "valid", batch_size, train=False, limit=max_sequences)
-    total, count = 0.0, 0
-    for batch in Loader(spec):
-        losses = token_losses(model, batch)
-        total += losses.double().sum().item()
-        count += losses.numel()
-    model.train(was_training)
-    return total / count
+class Batches(Protocol):
+    """An endless batch iterator whose state a checkpoint stores to continue it exactly."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict: ...
 
 
 @dataclass
@@ -60,8 +50,8 @@ class Run:
     run_dir: Path
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loader: Loader
-    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+    data: Batches
+    loss_fn: Callable[[Any], tuple[torch.Tensor, dict]]
     eval_fn: Callable[[], dict]
     opt: OptConfig
     stop: StopConfig
@@ -73,9 +63,11 @@ class Run:
     step: int = 0
     tokens: int = 0
     finished: bool = False  # a stop condition held; a restarted run only evaluates
+    best: float = math.inf  # best valid_ntp so far, and evaluations since it (early stopping)
+    stale: int = 0
 
 
-def train_step(run: Run, batch: torch.Tensor) -> tuple[float, float, dict]:
+def train_step(run: Run, batch: Any) -> tuple[float, float, dict]:
     loss, extra = run.loss_fn(batch)
     loss.backward()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
@@ -86,9 +78,20 @@ def train_step(run: Run, batch: torch.Tensor) -> tuple[float, float, dict]:
     return loss.item(), grad_norm, extra
 
 
+def _converged(run: Run, valid_ntp: float) -> bool:
+    """Target validation loss reached, or no improvement for stop.patience evaluations."""
+    if valid_ntp < run.best:
+        run.best, run.stale = valid_ntp, 0
+    else:
+        run.stale += 1
+    if run.stop.valid_loss is not None and valid_ntp <= run.stop.valid_loss:
+        return True
+    return run.stop.patience is not None and run.stale >= run.stop.patience
+
+
 def _save(run: Run, log: dict) -> Path:
-    state = {"tokens": run.tokens, "finished": run.finished, "loader": run.loader.state_dict(),
-             "last": log, **run.checkpoint_state()}
+    state = {"tokens": run.tokens, "finished": run.finished, "data": run.data.state_dict(),
+             "best": run.best, "stale": run.stale, "last": log, **run.checkpoint_state()}
     return checkpoint.save(run.run_dir, run.step, run.model, run.optimizer, state, run.ckpt.keep)
 
 
@@ -96,6 +99,8 @@ def fit(run: Run, log: MetricsLog) -> dict:
     """Train until a stop condition holds; returns the final evaluation record."""
     if run.finished:
         return {"step": run.step, "tokens": run.tokens, **run.eval_fn()}
+    if run.step == 0:  # the starting point: for finetuning, the teacher's own losses
+        log.write({"step": 0, "tokens": 0, "elapsed_s": 0.0, **run.eval_fn()})
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", mininterval=1.0,
                dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -103,7 +108,7 @@ def fit(run: Run, log: MetricsLog) -> dict:
     record: dict = {}
     while True:
         set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
-        loss, grad_norm, extra = train_step(run, next(run.loader))
+        loss, grad_norm, extra = train_step(run, next(run.data))
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             bar.close()
             raise FloatingPointError(
@@ -131,8 +136,7 @@ def fit(run: Run, log: MetricsLog) -> dict:
             }
             if evaluate_now:
                 record.update(run.eval_fn())
-                if run.stop.valid_loss is not None:
-                    done = done or record["valid_ntp"] <= run.stop.valid_loss
+                done = done or _converged(run, record["valid_ntp"])
             log.write(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}",

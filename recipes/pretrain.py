@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from forgetless import checkpoint, config, parallel
-from forgetless.config import ConfigError, ModelConfig, PretrainConfig
+from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
+from forgetless.evaluation import evaluate
 from forgetless.metrics import MetricsLog
 from forgetless.model import build_model, count_params, token_losses
 from forgetless.optim import build_optimizer
-from forgetless.train import Run, evaluate, fit, step_budget
+from forgetless.train import Run, fit, step_budget
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -36,13 +38,12 @@ def run(cfg: PretrainConfig) -> dict:
         raise ConfigError("opt.schedule: cosine needs a step budget (stop.tokens, "
                           "stop.tokens_per_param, stop.epochs or stop.steps)")
 
-    state = {"step": 0, "tokens": 0, "loader": None, "finished": False}
+    state = {"step": 0, "tokens": 0, "data": None, "finished": False, "best": math.inf,
+             "stale": 0}
     resume_from = checkpoint.latest(run_dir)
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
-        checkpoint.check_model_config(
-            resume_from, config.load_dict(ModelConfig, saved["config"]["model"]).resolved(),
-            cfg.model.resolved())
+        checkpoint.check_model_config(resume_from, saved["model"], cfg.model.resolved())
         state = checkpoint.load(resume_from, model, optimizer)
         print(f"resuming from {resume_from} (step {state['step']})")
     if state["finished"] and total_steps is not None and state["step"] < total_steps:
@@ -51,18 +52,19 @@ def run(cfg: PretrainConfig) -> dict:
     spec = StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed,
                       rank=parallel.dp_rank(), world=parallel.dp_size(),
                       shuffle_buffer=cfg.data_opts.shuffle_buffer)
-    loader = Loader(spec, cfg.data_opts.workers, state["loader"])
+    loader = Loader(spec, cfg.data_opts.workers, state["data"])
 
     def loss_fn(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return token_losses(model, batch).mean(), {}
 
     def eval_fn() -> dict:
-        return {"valid_ntp": evaluate(model, manifest, cfg.opt.batch_size,
-                                      cfg.eval.max_sequences)}
+        scores = evaluate(model, manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
+        return {f"valid_{k}": v for k, v in scores.items()}
 
     def checkpoint_state() -> dict:
         return {
             "config": config.to_dict(cfg),
+            "model": cfg.model.resolved(),
             "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash},
             "manifest": str(manifest.path.resolve()),
             "params": count_params(model),
@@ -70,11 +72,11 @@ def run(cfg: PretrainConfig) -> dict:
         }
 
     training = Run(
-        run_dir=run_dir, model=model, optimizer=optimizer, loader=loader, loss_fn=loss_fn,
+        run_dir=run_dir, model=model, optimizer=optimizer, data=loader, loss_fn=loss_fn,
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
         checkpoint_state=checkpoint_state, step=state["step"], tokens=state["tokens"],
-        finished=state["finished"],
+        finished=state["finished"], best=state["best"], stale=state["stale"],
     )
     if parallel.is_main():
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))

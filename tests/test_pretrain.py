@@ -24,15 +24,16 @@ def test_pretrain_resume_and_evaluate(manifest, megatron_world, tmp_path):
     cfg = _cfg(manifest, tmp_path / "a", "stop.steps=20", "ckpt.interval=10")
     final = pretrain.run(cfg)
     records = metrics.read(tmp_path / "a" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert [r["step"] for r in records] == [0, 5, 10, 15, 20]
     assert all({"step", "tokens", "train_loss", "tokens_per_s", "valid_ntp"} <= r.keys()
-               for r in records)
+               for r in records[1:])
+    assert records[0]["valid_ntp"] > records[-1]["valid_ntp"]  # step 0: the untrained model
     assert records[-1]["tokens"] == 20 * 8 * 32
     assert records[-1]["valid_ntp"] < records[0]["valid_ntp"]
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "a")] == [
         "step_00000010", "step_00000020"]
     state = checkpoint.read_state(checkpoint.latest(tmp_path / "a"))
-    assert state["finished"] and state["loader"]["workers"] and state["tokenizer"]["hash"]
+    assert state["finished"] and state["data"]["workers"] and state["tokenizer"]["hash"]
     assert state["config"]["model"]["hidden"] == 32 and state["manifest"]
 
     # a second invocation loads the final checkpoint and evaluates the same loss
@@ -48,7 +49,8 @@ def test_pretrain_resume_and_evaluate(manifest, megatron_world, tmp_path):
     resumed = pretrain.run(_cfg(manifest, tmp_path / "b", "stop.steps=20", "ckpt.interval=10"))
     assert resumed["train_loss"] == pytest.approx(final["train_loss"], abs=1e-6)
     assert resumed["valid_ntp"] == pytest.approx(final["valid_ntp"], abs=1e-6)
-    assert [r["step"] for r in metrics.read(tmp_path / "b" / "metrics.jsonl")] == [5, 10, 15, 20]
+    assert [r["step"] for r in metrics.read(tmp_path / "b" / "metrics.jsonl")] == [
+        0, 5, 10, 15, 20]
 
 
 def test_stop_conditions(manifest, megatron_world, tmp_path):

@@ -1,0 +1,32 @@
+"""Ancestral sampling with megatron-core's static KV cache.
+
+Every sequence starts from a given first token (the previous dataset's domain token) and runs
+the full length; the token at position t of sample i depends only on (seed, i, t) and the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from forgetless.kernels.sampling import sample
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, first_token: int, sample_ids: torch.Tensor, seq_len: int,
+             seed: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0) -> torch.Tensor:
+    """Sequences [len(sample_ids), seq_len] (int64)."""
+    was_training = model.training
+    model.eval()
+    batch = sample_ids.numel()
+    tokens = torch.empty(batch, seq_len, dtype=torch.int64)
+    tokens[:, 0] = first_token
+    cache = StaticInferenceContext(batch, seq_len)
+    for t in range(seq_len - 1):
+        logits = model(tokens[:, t:t + 1], torch.full((batch, 1), t), attention_mask=None,
+                       inference_context=cache, runtime_gather_output=True)[:, -1]
+        cache.sequence_len_offset += 1
+        tokens[:, t + 1] = sample(logits, seed, sample_ids, t + 1, temperature, top_k, top_p)
+    model.train(was_training)
+    return tokens

@@ -1,0 +1,52 @@
+"""Philox-4x32-10 in PyTorch, bit-identical to triton.language.philox with 32-bit counters.
+
+Sampling keys each uniform on (seed; vocab index, position, sample id) so the same sample id
+draws the same numbers on any batch size, rank count, or backend (this and the Triton kernel).
+uint32 arithmetic is emulated in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a uint32 constant and a uint32 tensor.
+
+    The int64 product wraps past 2**63, but its low 64 bits (all we read) are exact.
+    """
+    product = b * a
+    return (product >> 32) & MASK32, product & MASK32
+
+
+def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+           c3: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Four uint32 outputs (as int64) for counters c0..c3 (broadcastable int64 tensors)."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(c.to(torch.int64) & MASK32 for c in
+                                               (c0, c1, c2, c3)))
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniforms(seed: int, rows: torch.Tensor, position: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 uniforms [rows, n] in (0, 1): element j of a row uses output j % 4 of the Philox
+    call with counters (j // 4, position, row id low, row id high)."""
+    rows = rows.to(torch.int64).view(-1, 1)
+    position = position.to(torch.int64).view(-1, 1)
+    block = torch.arange((n + 3) // 4, dtype=torch.int64, device=rows.device).view(1, -1)
+    out = philox(seed, block, position, rows & MASK32, rows >> 32)
+    return uniform(torch.stack(out, dim=-1).flatten(1)[:, :n])
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 -> float32 in the open interval (0, 1), from the top 24 bits."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
