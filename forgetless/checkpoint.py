@@ -104,12 +104,19 @@ def load(path: Path, model: torch.nn.Module,
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint holds, built from the architecture it records, and its state."""
+    from forgetless import lora
     from forgetless.config import ModelConfig, load_dict
     from forgetless.model import build_model
 
     state = read_state(path)
     model = build_model(load_dict(ModelConfig, state["model"]))
-    load(path, model)
+    if state.get("lora"):  # a LoRA finetune: load the adapters, then fold them in
+        lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
+        load(path, model)
+        lora.merge(model)
+        model.requires_grad_(True)
+    else:
+        load(path, model)
     return model, state
 
 

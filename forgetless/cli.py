@@ -12,8 +12,12 @@ from forgetless.errors import UserError
 
 PROGRAMS = {
     # command: (module:function under forgetless.recipes, config schema, help)
+    "quickstart": ("quickstart:run", config.QuickstartConfig,
+                   "the whole pipeline and method comparison on the built-in corpora"),
     "pretrain": ("pretrain:run", config.PretrainConfig, "pretrain a GPT on token shards"),
     "evaluate": ("evaluate:run", config.EvaluateConfig, "validation loss of a checkpoint"),
+    "generate": ("generate:run", config.GenerateConfig, "sample self-generated replay shards"),
+    "finetune": ("finetune:run", config.FinetuneConfig, "finetune with or without replay"),
     "data prepare": ("prepare:run", config.PrepareConfig, "tokenize a source into shards"),
     "data tokenizer": ("prepare:train_tokenizer", config.TokenizerConfig,
                        "train a BPE tokenizer on sources"),

@@ -222,9 +222,6 @@ class EvaluateConfig:
     data: str = ""  # '' evaluates on the checkpoint's own validation data
     max_sequences: int = 0  # 0: the whole validation split
 
-    def __post_init__(self) -> None:
-        _check(bool(self.checkpoint), "checkpoint", "is required")
-
 
 @dataclass
 class SamplingConfig:
@@ -253,8 +250,6 @@ class GenerateConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        _check(bool(self.checkpoint), "checkpoint", "is required")
-        _check(bool(self.out), "out", "is required")
         for key in ("samples", "batch_size", "shard_samples"):
             _check(getattr(self, key) > 0, key, "must be positive")
         _check(self.first_id >= 0, "first_id", "must be >= 0")
@@ -312,7 +307,6 @@ class FinetuneConfig:
     data_opts: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.checkpoint), "checkpoint", "is required (a pretrained checkpoint)")
         _one_of(self.method, "method", METHODS)
         _check(self.lam >= 0, "lam", f"must be >= 0, got {self.lam}")
         if self.method == "replace":
@@ -321,6 +315,36 @@ class FinetuneConfig:
         if self.method in REPLAY_METHODS:
             _check(self.replay.source != "none", "replay.source",
                    f"method {self.method} needs replay: self, real or onthefly")
+
+
+def default_runs() -> list[str]:
+    return ["none", "lora", "ntp_pre:self", "kl_pre:self", "kl_pre:real"]
+
+
+@dataclass
+class QuickstartConfig:
+    """The whole pipeline on the built-in corpora: prose -> code, one finetune per run."""
+
+    out: str = "runs/quickstart"
+    runs: list[str] = field(default_factory=default_runs)  # method[:replay source]
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
+        eval=EvalConfig(interval=100, max_sequences=128)))
+    # 79 finetuning steps of 32 x 128 downstream tokens, 16 replay rows each: 1264 samples
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(samples=1280))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        stop=StopConfig(tokens=320_000), eval=EvalConfig(interval=20, max_sequences=64)))
+
+    def __post_init__(self) -> None:
+        for spec in self.runs:
+            method, _, source = spec.partition(":")
+            _one_of(method, "runs", METHODS)
+            _one_of(source or "none", "runs", ("none", "self", "real", "onthefly"))
+
+
+def require(cfg: Any, *keys: str) -> None:
+    """Settings without a usable default (paths) must be given."""
+    for key in keys:
+        _check(bool(getattr(cfg, key)), key, "is required")
 
 
 T = TypeVar("T")

@@ -19,8 +19,29 @@ def ntp(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
                            reduction="none").view(tokens.size(0), -1)
 
 
+class _KL(torch.autograd.Function):
+    """KL(teacher || student) per token with the analytic gradient softmax(s) - softmax(t).
+
+    Exactly zero gradient when student and teacher logits are equal, and one saved pair of
+    [.., vocab] tensors instead of autograd's chain through log_softmax and kl_div."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(student.dtype, torch.float32)  # float32 or float64
+        log_s = F.log_softmax(student.to(dtype), dim=-1)
+        log_t = F.log_softmax(teacher.to(dtype), dim=-1)
+        p_t = log_t.exp()
+        out = (p_t * (log_t - log_s)).sum(-1)
+        ctx.save_for_backward(log_s, p_t)
+        ctx.dtype = student.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_s, p_t = ctx.saved_tensors
+        return ((log_s.exp() - p_t) * grad.unsqueeze(-1)).to(ctx.dtype), None
+
+
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(teacher || student) [b, s-1], summed over the vocabulary in float32."""
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    """Per-token KL(teacher || student) [b, s-1] in float32; no gradient to the teacher."""
+    return _KL.apply(student_logits, teacher_logits.detach())

@@ -5,6 +5,7 @@ Recipes give it a model, an optimizer, a batch iterator with a state, a loss and
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -15,10 +16,20 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from forgetless import checkpoint
+from forgetless import checkpoint, parallel
+from forgetless.atomic import atomic_write_text
 from forgetless.config import CheckpointConfig, EvalConfig, OptConfig, StopConfig
 from forgetless.metrics import MetricsLog
 from forgetless.optim import lr_at, set_lr
+
+
+def initial_state(data: dict | None = None) -> dict:
+    """The progress a fresh run starts from (a checkpoint's state.json holds the same keys)."""
+    return {"step": 0, "tokens": 0, "finished": False, "best": math.inf, "stale": 0,
+            "data": data}
+
+
+PROGRESS = ("step", "tokens", "finished", "best", "stale")
 
 
 def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
@@ -150,3 +161,14 @@ def fit(run: Run, log: MetricsLog) -> dict:
         if done:
             bar.close()
             return record
+
+
+def train(run: Run, resolved_config: dict) -> dict:
+    """Record the config, then fit while appending to metrics.jsonl; the final record."""
+    if parallel.is_main():
+        atomic_write_text(run.run_dir / "config.json", json.dumps(resolved_config, indent=2))
+    log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.step)
+    try:
+        return fit(run, log)
+    finally:
+        log.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forgetless import checkpoint, parallel
+from forgetless import checkpoint, config, parallel
 from forgetless.config import EvaluateConfig
 from forgetless.data import tokenizer as tok
 from forgetless.data.shards import load_manifest
@@ -10,6 +10,7 @@ from forgetless.evaluation import evaluate
 
 
 def run(cfg: EvaluateConfig) -> dict:
+    config.require(cfg, "checkpoint")
     path = checkpoint.resolve(cfg.checkpoint)
     state = checkpoint.read_state(path)
     parallel.init(0)

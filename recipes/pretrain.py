@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -13,10 +11,9 @@ from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.evaluation import evaluate
-from forgetless.metrics import MetricsLog
 from forgetless.model import build_model, count_params, token_losses
 from forgetless.optim import build_optimizer
-from forgetless.train import Run, fit, step_budget
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -38,8 +35,7 @@ def run(cfg: PretrainConfig) -> dict:
         raise ConfigError("opt.schedule: cosine needs a step budget (stop.tokens, "
                           "stop.tokens_per_param, stop.epochs or stop.steps)")
 
-    state = {"step": 0, "tokens": 0, "data": None, "finished": False, "best": math.inf,
-             "stale": 0}
+    state = initial_state()
     resume_from = checkpoint.latest(run_dir)
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
@@ -75,18 +71,12 @@ def run(cfg: PretrainConfig) -> dict:
         run_dir=run_dir, model=model, optimizer=optimizer, data=loader, loss_fn=loss_fn,
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
-        checkpoint_state=checkpoint_state, step=state["step"], tokens=state["tokens"],
-        finished=state["finished"], best=state["best"], stale=state["stale"],
+        checkpoint_state=checkpoint_state, **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
         print(f"model: {count_params(model):,} parameters ({n_params:,} without embeddings); "
               f"data: {manifest.path} ({manifest.data['train']['tokens']:,} train tokens, "
               f"unigram entropy {manifest.data['unigram_entropy']:.3f} nats)")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"])
-    try:
-        final = fit(training, log)
-    finally:
-        log.close()
+    final = train(training, config.to_dict(cfg))
     final["unigram_entropy"] = manifest.data["unigram_entropy"]
     return final

@@ -1,0 +1,88 @@
+"""Replay throughput at the reference config: generation tokens/s (KV-cache ancestral
+sampling, batch 64) and finetuning downstream tokens/s for `none` vs `kl_pre` from replay
+shards (downstream batch 32, replay batch 16), timed in one process.
+
+    python benchmarks/replay.py CHECKPOINT REPLAY_MANIFEST [--steps 20]
+
+CHECKPOINT is a pretrained reference-config run (e.g. runs/quickstart/pretrain) and
+REPLAY_MANIFEST the output of `forgetless generate` for it (e.g. runs/quickstart/replay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from forgetless import checkpoint, config, parallel
+from forgetless.config import FinetuneConfig
+from forgetless.data import catalog
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.data.shards import load_manifest
+from forgetless.optim import build_optimizer
+from forgetless.recipes.finetune import FinetuneBatches, make_loss
+from forgetless.sampler import generate
+from forgetless.train import Run, train_step
+
+
+def _finetune_tokens_per_s(cfg: FinetuneConfig, steps: int, down, replay_manifest) -> float:
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    student, state = checkpoint.load_model(ckpt)
+    teacher, _ = checkpoint.load_model(ckpt)
+    teacher.requires_grad_(False)
+    replay = (Loader(StreamSpec(replay_manifest, "train", cfg.replay.batch_size))
+              if cfg.method != "none" else None)
+    data = FinetuneBatches(Loader(StreamSpec(down, "train", cfg.opt.batch_size)), replay)
+    run = Run(run_dir=None, model=student, optimizer=build_optimizer(student.parameters(),
+                                                                     cfg.opt),
+              data=data, loss_fn=make_loss(cfg, student, teacher), eval_fn=dict, opt=cfg.opt,
+              stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt, tokens_per_step=0, total_steps=None,
+              checkpoint_state=dict)
+    for _ in range(3):
+        train_step(run, next(data))
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, next(data))
+    return steps * cfg.opt.batch_size * state["model"]["seq_len"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("replay")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64, help="generation batch")
+    args = parser.parse_args()
+    parallel.init(0)
+    ckpt = checkpoint.resolve(args.checkpoint)
+    model, state = checkpoint.load_model(ckpt)
+    first = load_manifest(state["manifest"]).domain_token
+    ids = torch.arange(args.batch)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generate(model, first, ids, state["model"]["seq_len"], seed=0)
+        times.append(time.perf_counter() - start)
+    gen = args.batch * state["model"]["seq_len"] / sorted(times)[1]
+    print(f"generation: batch {args.batch}, {gen:,.0f} tokens/s (median of 3)")
+
+    base = config.load(FinetuneConfig, None, [f"checkpoint={args.checkpoint}",
+                                              "opt.batch_size=32", "replay.batch_size=16"])
+    opts = config.DataConfig(tokenizer=state["tokenizer"]["path"])
+    _, down = catalog.resolve(base.data, base.cache_dir, state["model"]["seq_len"],
+                              state["model"]["vocab"], opts)
+    replay = load_manifest(args.replay)
+    speeds = {}
+    for method in ("none", "kl_pre"):
+        cfg = config.load(FinetuneConfig, None, [f"checkpoint={args.checkpoint}",
+                                                 f"method={method}", "opt.batch_size=32",
+                                                 "replay.batch_size=16", "replay.source=self",
+                                                 f"replay.data={args.replay}"])
+        speeds[method] = _finetune_tokens_per_s(cfg, args.steps, down, replay)
+        print(f"finetune {method}: {speeds[method]:,.0f} downstream tokens/s")
+    print(f"kl_pre keeps {speeds['kl_pre'] / speeds['none']:.0%} of none's speed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""`forgetless finetune`: train a pretrained checkpoint on downstream data, with or without
+replay, measuring forgetting on the previous distribution against the frozen teacher.
+
+Methods (the paper's lambda is `lam`): none, lora, replace (a fraction lam of each batch's rows
+is replay), ntp_pre (+ lam x next-token loss on replay), kl_pre (+ lam x KL(teacher || student)
+on replay), kl_dwn (+ lam x the same KL on the downstream batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from forgetless import checkpoint, config, lora, losses, parallel
+from forgetless.config import FinetuneConfig, SamplingConfig
+from forgetless.data import catalog
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.data.shards import DataError, Manifest, load_manifest
+from forgetless.evaluation import evaluate
+from forgetless.model import token_losses
+from forgetless.optim import build_optimizer
+from forgetless.sampler import generate
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
+
+
+class OnTheFlyReplay:
+    """Replay sampled from the teacher during training, buffer_batches batches at a time.
+
+    Sample ids count up from 0, so the state is the next id: a resumed run regenerates the
+    buffer that id falls in (identically) and continues from it."""
+
+    def __init__(self, teacher: torch.nn.Module, first_token: int, seq_len: int,
+                 batch_size: int, buffer_batches: int, seed: int, sampling: SamplingConfig,
+                 state: dict | None = None):
+        self.teacher, self.first_token, self.seq_len = teacher, first_token, seq_len
+        self.batch_size, self.buffer_size = batch_size, batch_size * buffer_batches
+        self.seed, self.sampling = seed, config.to_dict(sampling)
+        self.next_id = state["next_id"] if state else 0
+        self.buffer_start, self.buffer = -1, torch.empty(0)
+
+    def __next__(self) -> torch.Tensor:
+        start = self.next_id // self.buffer_size * self.buffer_size
+        if start != self.buffer_start:
+            ids = torch.arange(start, start + self.buffer_size)
+            self.buffer = generate(self.teacher, self.first_token, ids, self.seq_len, self.seed,
+                                   **self.sampling)
+            self.buffer_start = start
+        offset = self.next_id - start
+        self.next_id += self.batch_size
+        return self.buffer[offset:offset + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"next_id": self.next_id}
+
+
+@dataclass
+class FinetuneBatches:
+    down: Loader
+    replay: Loader | OnTheFlyReplay | None
+
+    def __next__(self) -> dict:
+        return {"down": next(self.down),
+                "replay": next(self.replay) if self.replay is not None else None}
+
+    def state_dict(self) -> dict:
+        return {"down": self.down.state_dict(),
+                "replay": self.replay.state_dict() if self.replay is not None else None}
+
+
+def _check_matches(manifest: Manifest, base: dict, what: str) -> None:
+    """Data must be tokenized like the checkpoint and cut to its seq_len."""
+    seq_len, tok_hash = base["model"]["seq_len"], base["tokenizer"]["hash"]
+    if manifest.seq_len != seq_len:
+        raise DataError(f"{what} {manifest.path}: seq_len {manifest.seq_len} does not match the "
+                        f"checkpoint's model.seq_len {seq_len}")
+    if manifest.tokenizer_hash != tok_hash:
+        raise DataError(f"{what} {manifest.path}: tokenizer hash {manifest.tokenizer_hash[:12]} "
+                        f"does not match the checkpoint's tokenizer {tok_hash[:12]}")
+
+
+def replay_rows(cfg: FinetuneConfig) -> int:
+    """Replay rows per step: replay.batch_size, or for `replace` the fraction lam of the batch."""
+    if cfg.method == "replace":
+        return round(cfg.lam * cfg.opt.batch_size)
+    return cfg.replay.batch_size if cfg.method in config.REPLAY_METHODS else 0
+
+
+def replace_rows(down: torch.Tensor, replay: torch.Tensor | None) -> torch.Tensor:
+    """The downstream batch with its last len(replay) rows replaced by replay rows."""
+    if replay is None or len(replay) == 0:
+        return down
+    return torch.cat([down[:len(down) - len(replay)], replay])
+
+
+def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module):
+    method, lam = cfg.method, cfg.lam
+
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        down, replay = batch["down"], batch["replay"]
+        if method == "replace":
+            return token_losses(student, replace_rows(down, replay)).mean(), {}
+        if method == "kl_dwn":  # one forward serves both terms
+            down_logits = losses.logits(student, down)
+            down_loss = losses.ntp(down_logits, down).mean()
+        else:  # megatron's fused loss path: no logits kept for the backward
+            down_loss = token_losses(student, down).mean()
+        if method in ("none", "lora"):
+            return down_loss, {}
+        if method == "ntp_pre":
+            reg = token_losses(student, replay).mean()
+        else:
+            # The student sees the regularised rows exactly as the teacher does (same batch
+            # shape), so at step 0 both logits agree bit for bit and the KL gradient is zero.
+            target = replay if method == "kl_pre" else down
+            reg_logits = losses.logits(student, replay) if method == "kl_pre" else down_logits
+            with torch.no_grad():
+                teacher_logits = losses.logits(teacher, target)
+            reg = losses.kl(reg_logits, teacher_logits).mean()
+        return down_loss + lam * reg, {"down_loss": down_loss.item(), "reg_loss": reg.item()}
+
+    return loss_fn
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    config.require(cfg, "checkpoint")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base_path = checkpoint.resolve(cfg.checkpoint)
+    base = checkpoint.read_state(base_path)
+    parallel.init(cfg.seed)
+    model_cfg = config.load_dict(config.ModelConfig, base["model"])
+
+    opts = config.DataConfig(**{**config.to_dict(cfg.data_opts),
+                                "tokenizer": base["tokenizer"]["path"]})
+    tokenizer, down = catalog.resolve(cfg.data, cfg.cache_dir, model_cfg.seq_len,
+                                      model_cfg.vocab, opts)
+    prev = load_manifest(cfg.prev_data or base["manifest"])
+    for manifest, what in ((down, "data"), (prev, "prev_data")):
+        _check_matches(manifest, base, what)
+
+    teacher, _ = checkpoint.load_model(base_path)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    student, _ = checkpoint.load_model(base_path)
+    params = (lora.apply(student, cfg.lora.rank, cfg.lora.alpha) if cfg.method == "lora"
+              else list(student.parameters()))
+    optimizer = build_optimizer(params, cfg.opt)
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_hash = checkpoint.content_hash(base_path)
+    state = initial_state({"down": None, "replay": None})
+    resume_from = checkpoint.latest(run_dir)
+    if resume_from is not None:
+        saved = checkpoint.read_state(resume_from)
+        if saved.get("base_hash") != base_hash or saved.get("method") != cfg.method:
+            raise checkpoint.CheckpointError(
+                f"{run_dir} holds a finetune of another checkpoint or method "
+                f"({saved.get('method')}); choose another run_dir")
+        state = checkpoint.load(resume_from, student, optimizer)
+        print(f"resuming from {resume_from} (step {state['step']})")
+
+    n_replay = replay_rows(cfg)
+    dp = dict(rank=parallel.dp_rank(), world=parallel.dp_size(),
+              shuffle_buffer=cfg.data_opts.shuffle_buffer)
+    down_loader = Loader(StreamSpec(down, "train", cfg.opt.batch_size, seed=cfg.seed, **dp),
+                         cfg.data_opts.workers, state["data"]["down"])
+    replay: Loader | OnTheFlyReplay | None = None
+    if n_replay and cfg.replay.source == "onthefly":
+        replay = OnTheFlyReplay(teacher, prev.domain_token, model_cfg.seq_len, n_replay,
+                                cfg.replay.buffer_batches, cfg.replay.seed,
+                                cfg.replay.sampling, state["data"]["replay"])
+    elif n_replay:
+        source = load_manifest(cfg.replay.data) if cfg.replay.source == "self" else prev
+        _check_matches(source, base, "replay.data")
+        replay = Loader(StreamSpec(source, "train", n_replay, seed=cfg.seed + 1, **dp),
+                        cfg.data_opts.workers, state["data"]["replay"])
+
+    down_rows = cfg.opt.batch_size - (n_replay if cfg.method == "replace" else 0)
+    tokens_per_step = down_rows * model_cfg.seq_len * parallel.dp_size()
+    total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
+
+    def eval_fn() -> dict:
+        out = {}
+        for prefix, manifest in (("valid", down), ("prev", prev)):
+            scores = evaluate(student, manifest, cfg.opt.batch_size, cfg.eval.max_sequences,
+                              teacher=teacher)
+            out.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return out
+
+    def checkpoint_state() -> dict:
+        return {
+            "config": config.to_dict(cfg), "model": model_cfg.resolved(),
+            "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash},
+            "manifest": str(down.path.resolve()), "base_checkpoint": str(base_path.resolve()),
+            "base_hash": base_hash, "method": cfg.method,
+            "lora": config.to_dict(cfg.lora) if cfg.method == "lora" else None,
+        }
+
+    training = Run(
+        run_dir=run_dir, model=student, optimizer=optimizer,
+        data=FinetuneBatches(down_loader, replay), loss_fn=make_loss(cfg, student, teacher),
+        eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
+        tokens_per_step=tokens_per_step, total_steps=total_steps,
+        checkpoint_state=checkpoint_state, **{k: state[k] for k in PROGRESS},
+    )
+    if parallel.is_main():
+        print(f"finetuning {base_path} on {down.path} with {cfg.method}"
+              + (f" (lam {cfg.lam}, {n_replay} {cfg.replay.source} replay rows/step)"
+                 if n_replay else ""))
+    return train(training, config.to_dict(cfg))

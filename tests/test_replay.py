@@ -1,0 +1,245 @@
+"""Self-generated replay and finetuning on a tiny two-domain world (prev -> down)."""
+
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from forgetless import checkpoint, config, lora, metrics
+from forgetless.config import FinetuneConfig, GenerateConfig, PretrainConfig
+from forgetless.data import shards
+from forgetless.data import tokenizer as tok
+from forgetless.data.sources import stdlib_code, stdlib_prose
+from forgetless.recipes import finetune, generate, pretrain
+from forgetless.sampler import generate as sample_sequences
+
+MODEL = ["model.hidden=32", "model.layers=2", "model.head_dim=16", "model.seq_len=32",
+         "model.vocab=512"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Tokenizer, prev/down shards and a pretrained base, shared by the tests below."""
+    root = tmp_path_factory.mktemp("world")
+    for name, docs in (("prev", stdlib_prose()), ("down", stdlib_code())):
+        texts = [t[:3000] for _, t in itertools.islice(docs, 400)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                    for t in texts))
+    tokenizer = tok.train([str(root / "prev.jsonl"), str(root / "down.jsonl")], root / "tok",
+                          512, domains=["prev", "down"])
+    manifests = {name: shards.prepare(str(root / f"{name}.jsonl"), root / name, tokenizer, 32,
+                                      name, valid_fraction=0.1)
+                 for name in ("prev", "down")}
+    base = config.load(PretrainConfig, None, [
+        f"run_dir={root / 'base'}", f"data={manifests['prev'].path}", *MODEL,
+        "opt.batch_size=8", "opt.warmup_steps=2", "stop.steps=40", "eval.interval=40",
+        "eval.max_sequences=32"])
+    pretrain.run(base)
+    return {"root": root, "tokenizer": tokenizer, **manifests, "base": root / "base"}
+
+
+def _finetune_cfg(world, run_dir, *extra):
+    return config.load(FinetuneConfig, None, [
+        f"run_dir={run_dir}", f"checkpoint={world['base']}", f"data={world['down'].path}",
+        "opt.batch_size=8", "replay.batch_size=4", "eval.interval=2", "eval.max_sequences=16",
+        "stop.tokens=null", "stop.steps=4", *extra])
+
+
+def _replay_tokens(out):
+    manifest = shards.load_manifest(out)
+    return np.stack([s for p, n in manifest.shards("train") for s in shards.read_shard(p, n)])
+
+
+def test_sampler_same_tokens_whatever_the_batch(world, megatron_world):
+    model, _ = checkpoint.load_model(checkpoint.latest(world["base"]))
+    ids = torch.arange(100, 108)
+    whole = sample_sequences(model, 5, ids, 32, seed=11)
+    pieces = torch.cat([sample_sequences(model, 5, part, 32, seed=11) for part in
+                        (ids[:3], ids[3:4], ids[4:])])
+    assert torch.equal(whole, pieces)
+    assert (whole[:, 0] == 5).all() and whole.shape == (8, 32)
+    assert not torch.equal(whole, sample_sequences(model, 5, ids, 32, seed=12))
+    assert len({tuple(r) for r in whole.tolist()}) == 8  # each id its own sample
+
+
+def test_generate_provenance_and_resume(world, megatron_world, tmp_path):
+    out = tmp_path / "replay"
+    cfg = config.load(GenerateConfig, None, [f"checkpoint={world['base']}", f"out={out}",
+                                             "samples=40", "first_id=10", "shard_samples=16",
+                                             "batch_size=7", "seed=5"])
+    result = generate.run(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    ckpt = checkpoint.latest(world["base"])
+    prov = manifest["provenance"]
+    assert prov["checkpoint"] == str(ckpt.resolve())
+    assert prov["checkpoint_hash"] == checkpoint.content_hash(ckpt)
+    assert prov["seed"] == 5 and prov["sample_ids"] == [10, 50]
+    assert prov["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert manifest["train"]["sequences"] == 40 and manifest["train"]["tokens"] == 40 * 32
+    assert manifest["tokenizer"]["hash"] == world["tokenizer"].hash
+    assert manifest["domain_token"] == world["tokenizer"].domain_id("prev")
+    assert result["generated_tokens"] == 40 * 32
+    with tarfile.open(out / "replay-000001.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers()
+                 if m.name.endswith(".meta.json")]
+    assert [m["sample_id"] for m in metas] == list(range(26, 42))
+    first = _replay_tokens(out)
+    assert (first[:, 0] == manifest["domain_token"]).all()
+
+    # interrupted: a shard is lost and a temporary file is left; the rerun fills in the gap
+    (out / "replay-000001.tar").unlink()
+    (out / ".replay-000002.tar.tmp").write_bytes(b"partial")
+    again = generate.run(cfg)
+    assert again["generated_tokens"] == 16 * 32
+    assert np.array_equal(_replay_tokens(out), first)
+    with pytest.raises(shards.DataError, match="seed differ"):
+        generate.run(config.load(GenerateConfig, None, [f"checkpoint={world['base']}",
+                                                        f"out={out}", "samples=40",
+                                                        "first_id=10", "shard_samples=16",
+                                                        "seed=6"]))
+
+
+def test_generate_two_ranks_equals_one(world, tmp_path):
+    """torchrun with 2 gloo processes: each takes its shards; tokens identical to 1 process."""
+    args = [f"checkpoint={world['base']}", "samples=24", "shard_samples=6", "batch_size=4"]
+    single = subprocess.run([sys.executable, "-m", "forgetless", "generate", *args,
+                             f"out={tmp_path / 'one'}"], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", "--master_port", "29517", "-m", "forgetless", "generate", *args,
+                             f"out={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert np.array_equal(_replay_tokens(tmp_path / "one"), _replay_tokens(tmp_path / "two"))
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_kl_pre_regulariser_has_zero_gradient_at_start(world, megatron_world):
+    ckpt = checkpoint.latest(world["base"])
+    student, _ = checkpoint.load_model(ckpt)
+    teacher, _ = checkpoint.load_model(ckpt)
+    down = torch.from_numpy(next(shards.read_shard(*world["down"].shards("train")[0]))[None])
+    replay = torch.from_numpy(next(shards.read_shard(*world["prev"].shards("train")[0]))[None])
+    batch = {"down": down.repeat(2, 1), "replay": replay.repeat(2, 1)}
+    for method in ("kl_pre", "kl_dwn"):
+        grads = []
+        for lam in (0, 10):  # the same loss with and without the regulariser
+            cfg = _finetune_cfg(world, "unused", f"method={method}", "replay.source=real",
+                                f"lam={lam}")
+            loss, extra = finetune.make_loss(cfg, student, teacher)(batch)
+            student.zero_grad()
+            loss.backward()
+            grads.append(_grads(student))
+            assert extra["reg_loss"] == 0.0
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), method
+
+
+def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path):
+    replay_dir = tmp_path / "replay"
+    generate.run(config.load(GenerateConfig, None, [f"checkpoint={world['base']}",
+                                                    f"out={replay_dir}", "samples=32"]))
+    base_ckpt = checkpoint.latest(world["base"])
+    base_weights = torch.load(base_ckpt / "model.pt", weights_only=True)
+    runs = {
+        "none": [],
+        "lora": ["method=lora", "lora.rank=4"],
+        "replace": ["method=replace", "lam=0.25", "replay.source=real"],
+        "ntp_pre": ["method=ntp_pre", "replay.source=self", f"replay.data={replay_dir}"],
+        "kl_pre": ["method=kl_pre", "replay.source=self", f"replay.data={replay_dir}"],
+        "kl_dwn": ["method=kl_dwn"],
+        "onthefly": ["method=kl_pre", "replay.source=onthefly", "replay.buffer_batches=2"],
+    }
+    for name, extra in runs.items():
+        final = finetune.run(_finetune_cfg(world, tmp_path / name, *extra))
+        records = metrics.read(tmp_path / name / "metrics.jsonl")
+        keys = {f"{p}_{m}{s}" for p in ("valid", "prev") for m in ("ntp", "kl")
+                for s in ("", "_2nd")}
+        assert [r["step"] for r in records] == [0, 2, 4] and all(keys <= r.keys()
+                                                                 for r in records)
+        assert records[0]["prev_kl"] == 0.0 and records[0]["valid_kl"] == 0.0, name
+        assert final["valid_ntp"] < records[0]["valid_ntp"], name
+        state = checkpoint.read_state(checkpoint.latest(tmp_path / name))
+        assert state["method"] == (extra[0].split("=")[1] if extra else "none")
+    # LoRA: base weights bit-identical, adapters trained; the merged model is a plain model
+    trained = torch.load(checkpoint.latest(tmp_path / "lora") / "model.pt", weights_only=True)
+    for key, value in base_weights.items():
+        if not key.endswith("weight"):
+            continue
+        lora_key = key
+        for _, name in lora.TARGETS:
+            lora_key = lora_key.replace(f".{name}.", f".{name}.base.")
+        assert torch.equal(trained[lora_key], value), key
+    assert any(k.endswith("lora_b") and v.abs().sum() > 0 for k, v in trained.items())
+    merged, _ = checkpoint.load_model(checkpoint.latest(tmp_path / "lora"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    # replace: the stated number of rows comes from replay (they start with prev's token)
+    down = torch.full((8, 32), 7)
+    replay = torch.full((2, 32), world["prev"].domain_token)
+    rows = finetune.replace_rows(down, replay)
+    assert rows.shape == (8, 32) and (rows[:, 0] == world["prev"].domain_token).sum() == 2
+    assert finetune.replay_rows(_finetune_cfg(world, "x", "method=replace", "lam=0.25",
+                                              "replay.source=real")) == 2
+
+
+def test_finetune_resume_and_bad_inputs(world, megatron_world, tmp_path):
+    cfg = _finetune_cfg(world, tmp_path / "a", "method=kl_pre", "replay.source=real",
+                        "ckpt.interval=2")
+    final = finetune.run(cfg)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(checkpoint.latest(tmp_path / "b"))
+    resumed = finetune.run(_finetune_cfg(world, tmp_path / "b", "method=kl_pre",
+                                         "replay.source=real", "ckpt.interval=2"))
+    assert resumed["train_loss"] == pytest.approx(final["train_loss"], abs=1e-6)
+    assert resumed["prev_ntp"] == pytest.approx(final["prev_ntp"], abs=1e-6)
+    with pytest.raises(checkpoint.CheckpointError, match="another checkpoint or method"):
+        finetune.run(_finetune_cfg(world, tmp_path / "a", "method=none"))
+
+    # replay made with another tokenizer or seq_len is refused, naming the value
+    bad = tmp_path / "bad"
+    shutil.copytree(world["prev"].path.parent, bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    data["seq_len"] = 64
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(shards.DataError, match="seq_len 64 does not match .* 32"):
+        finetune.run(_finetune_cfg(world, tmp_path / "c", "method=ntp_pre",
+                                   "replay.source=self", f"replay.data={bad}"))
+    data["seq_len"], data["tokenizer"]["hash"] = 32, "f" * 64
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(shards.DataError, match="tokenizer hash ffffffffffff"):
+        finetune.run(_finetune_cfg(world, tmp_path / "c", "method=ntp_pre",
+                                   "replay.source=self", f"replay.data={bad}"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["method=ewc"], "method: 'ewc' is not one of"),
+    (["lam=-1"], "lam: must be >= 0, got -1.0"),
+    (["method=replace", "lam=1.5", "replay.source=real"], r"fraction, in \[0, 1\]; got 1.5"),
+    (["method=kl_pre"], "replay.source: method kl_pre needs replay"),
+    (["replay.source=self"], "replay.data"),
+])
+def test_finetune_config_errors(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(FinetuneConfig, None, ["checkpoint=x", *override])
+
+
+def test_replay_shards_read_like_data_shards(world, megatron_world, tmp_path):
+    out = tmp_path / "r"
+    generate.run(config.load(GenerateConfig, None, [f"checkpoint={world['base']}", f"out={out}",
+                                                    "samples=8"]))
+    path = out / "replay-000000.tar"
+    with tarfile.open(path) as tar:
+        names = sorted(m.name for m in tar.getmembers())
+        first = np.load(io.BytesIO(tar.extractfile(names[1]).read()))
+    assert names[:2] == ["0000000000.meta.json", "0000000000.tokens.npy"]
+    assert first.dtype == np.uint16 and first.shape == (32,)
