@@ -37,7 +37,7 @@ def _finetune(cfg: QuickstartConfig, spec: str, out: Path) -> dict:
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    _stage(f"finetune {name}")
+    _stage(f"finetune {name} on {cfg.finetune.data}")
     start = time.perf_counter()
     final = finetune.run(config.load_dict(FinetuneConfig, values))
     history = [r for r in metrics.read(run_dir / "metrics.jsonl") if "prev_ntp" in r]
@@ -85,7 +85,7 @@ def run(cfg: QuickstartConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _stage("pretrain on stdlib-prose")
+    _stage(f"pretrain on {cfg.pretrain.data}")
     pre = config.load_dict(config.PretrainConfig,
                            {**config.to_dict(cfg.pretrain), "run_dir": str(out / "pretrain")})
     pretrain.run(pre)

@@ -243,3 +243,37 @@ def test_replay_shards_read_like_data_shards(world, megatron_world, tmp_path):
         first = np.load(io.BytesIO(tar.extractfile(names[1]).read()))
     assert names[:2] == ["0000000000.meta.json", "0000000000.tokens.npy"]
     assert first.dtype == np.uint16 and first.shape == (32,)
+
+
+def test_quickstart_pipeline_and_reuse(world, megatron_world, tmp_path, capsys):
+    from forgetless.config import QuickstartConfig
+    from forgetless.recipes import quickstart
+
+    out = tmp_path / "qs"
+    cfg = config.load(QuickstartConfig, None, [
+        f"out={out}", f"pretrain.data={world['prev'].path}", *[f"pretrain.{m}" for m in MODEL],
+        "pretrain.opt.batch_size=8", "pretrain.stop.tokens=null", "pretrain.stop.steps=30",
+        "pretrain.eval.interval=30", "pretrain.eval.max_sequences=16", "generate.samples=24",
+        f"finetune.data={world['down'].path}", "finetune.opt.batch_size=8",
+        "finetune.replay.batch_size=4", "finetune.stop.tokens=null", "finetune.stop.steps=6",
+        "finetune.eval.interval=3", "finetune.eval.max_sequences=16"])
+    summary = quickstart.run(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["replay"]) for r in results] == [
+        ("none", "none"), ("lora", "none"), ("ntp_pre", "self"), ("kl_pre", "self"),
+        ("kl_pre", "real")]
+    for r in results:
+        assert set(r) == {"method", "replay", "valid_ntp", "prev_ntp", "prev_ntp_before",
+                          "forgetting", "wall_s"}
+        assert r["forgetting"] == pytest.approx(r["prev_ntp"] - r["prev_ntp_before"])
+    assert len({r["prev_ntp_before"] for r in results}) == 1  # one teacher for all
+    assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "method" in printed and "forgetting" in printed and "kl_pre" in printed
+    assert summary["plot"] == str(out / "forgetting.png")
+
+    # a second invocation reuses every finished stage
+    mtimes = {p: p.stat().st_mtime for p in out.rglob("model.pt")}
+    quickstart.run(cfg)
+    assert {p: p.stat().st_mtime for p in out.rglob("model.pt")} == mtimes
+    assert json.loads((out / "results.json").read_text()) == results
