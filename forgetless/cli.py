@@ -37,9 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings(args: list[str]) -> list[str]:
+    """`--key value` and `--key=value` are accepted as `key=value`."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(args):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(arg[2:] if arg.startswith("--") else arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    rest = list(args.args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv[:1])
+    rest = _settings(argv[1:])
     program = args.program
     if program == "data":
         program = f"data {rest.pop(0) if rest else ''}"

@@ -155,6 +155,7 @@ def run(cfg: FinetuneConfig) -> dict:
     resume_from = checkpoint.latest(run_dir)
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
+        checkpoint.check_model_config(resume_from, saved["model"], model_cfg.resolved())
         if saved.get("base_hash") != base_hash or saved.get("method") != cfg.method:
             raise checkpoint.CheckpointError(
                 f"{run_dir} holds a finetune of another checkpoint or method "

@@ -100,8 +100,9 @@ def test_cli_data_programs(corpus, tokenizer, tmp_path):
         return subprocess.run([sys.executable, "-m", "forgetless", *args], capture_output=True,
                               text=True)
 
-    out = cli("data", "prepare", f"source={corpus}", f"out={tmp_path / 'shards'}", "name=tiny",
-              "seq_len=16", "vocab=512", f"data_opts.tokenizer={tokenizer.path.parent}")
+    out = cli("data", "prepare", f"source={corpus}", "--out", str(tmp_path / "shards"),
+              "--name=tiny", "seq_len=16", "vocab=512",
+              f"data_opts.tokenizer={tokenizer.path.parent}")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["seq_len"] == 16 and result["train_sequences"] > 0
