@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from forgetless import losses
+from forgetless import losses, parallel
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import Manifest
 
@@ -20,6 +20,7 @@ def evaluate(model: torch.nn.Module, manifest: Manifest, batch_size: int, max_se
     count, count_2nd = 0, 0
     for batch in Loader(StreamSpec(manifest, split, batch_size, train=False,
                                    limit=max_sequences)):
+        batch = parallel.to_device(batch)
         student = losses.logits(model, batch)
         per_token = {"ntp": losses.ntp(student, batch)}
         if teacher is not None:

@@ -46,6 +46,29 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def device() -> torch.device:
+    """Where the model and batches live: this rank's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch):
+    """A tensor, or a dict of tensors (None allowed), moved to device()."""
+    if isinstance(batch, dict):
+        return {k: to_device(v) for k, v in batch.items()}
+    return batch if batch is None else batch.to(device(), non_blocking=True)
+
+
+def single_process(program: str) -> None:
+    """Training needs gradient synchronisation across ranks, which arrives with issue 4."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from forgetless.errors import UserError
+
+        raise UserError(f"{program} runs on one process for now (world size "
+                        f"{dist.get_world_size()}); multi-process training is issue #4")
+
+
 def dp_rank() -> int:
     return parallel_state.get_data_parallel_rank()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from forgetless import parallel
 from forgetless.kernels.sampling import sample
 
 
@@ -20,11 +21,13 @@ def generate(model: torch.nn.Module, first_token: int, sample_ids: torch.Tensor,
     was_training = model.training
     model.eval()
     batch = sample_ids.numel()
-    tokens = torch.empty(batch, seq_len, dtype=torch.int64)
+    sample_ids = sample_ids.to(parallel.device())
+    tokens = torch.empty(batch, seq_len, dtype=torch.int64, device=sample_ids.device)
     tokens[:, 0] = first_token
     cache = StaticInferenceContext(batch, seq_len)
     for t in range(seq_len - 1):
-        logits = model(tokens[:, t:t + 1], torch.full((batch, 1), t), attention_mask=None,
+        position = torch.full((batch, 1), t, device=tokens.device)
+        logits = model(tokens[:, t:t + 1], position, attention_mask=None,
                        inference_context=cache, runtime_gather_output=True)[:, -1]
         cache.sequence_len_offset += 1
         tokens[:, t + 1] = sample(logits, seed, sample_ids, t + 1, temperature, top_k, top_p)

@@ -79,7 +79,7 @@ class Run:
 
 
 def train_step(run: Run, batch: Any) -> tuple[float, float, dict]:
-    loss, extra = run.loss_fn(batch)
+    loss, extra = run.loss_fn(parallel.to_device(batch))
     loss.backward()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     clip = run.opt.grad_clip or float("inf")

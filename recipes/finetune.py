@@ -130,6 +130,7 @@ def run(cfg: FinetuneConfig) -> dict:
     base_path = checkpoint.resolve(cfg.checkpoint)
     base = checkpoint.read_state(base_path)
     parallel.init(cfg.seed)
+    parallel.single_process("finetune")
     model_cfg = config.load_dict(config.ModelConfig, base["model"])
 
     opts = config.DataConfig(**{**config.to_dict(cfg.data_opts),

@@ -87,7 +87,7 @@ def run(cfg: GenerateConfig) -> dict:
             sequences.append(generate(model, source.domain_token, batch, seq_len, cfg.seed,
                                       **to_dict(cfg.sampling)))
             bar.update(batch.numel() * seq_len)
-        tokens = torch.cat(sequences).numpy().astype(np.uint16)
+        tokens = torch.cat(sequences).cpu().numpy().astype(np.uint16)
         write_shard(out / names[k], tokens, first_key=first,
                     meta=lambda i: {"sample_id": i, "seed": cfg.seed,
                                     "checkpoint_hash": plan["checkpoint_hash"],

@@ -21,6 +21,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     parallel.init(cfg.seed)
+    parallel.single_process("pretrain")
     tokenizer, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len,
                                           cfg.model.vocab, cfg.data_opts)
     run_dir = Path(cfg.run_dir)

@@ -116,3 +116,13 @@ def test_cli_data_programs(corpus, tokenizer, tmp_path):
     assert tok.returncode == 0, tok.stderr
     assert json.loads(tok.stdout)["domains"] == {"a": 2}
     assert cli("data", "nothing").returncode == 2
+
+
+def test_multi_process_training_is_refused_until_issue_4(manifest, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29518", "-m", "forgetless", "pretrain",
+                          f"run_dir={tmp_path / 'r'}", f"data={manifest.path}", *TINY,
+                          "stop.steps=2"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "runs on one process for now (world size 2)" in out.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
