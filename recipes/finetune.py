@@ -181,7 +181,7 @@ def run(cfg: FinetuneConfig) -> dict:
                         cfg.data_opts.workers, state["data"]["replay"])
 
     down_rows = cfg.opt.batch_size - (n_replay if cfg.method == "replace" else 0)
-    tokens_per_step = down_rows * model_cfg.seq_len * parallel.dp_size()
+    tokens_per_step = down_rows * model_cfg.seq_len  # the batch is global
     total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
 
     def eval_fn() -> dict:

@@ -28,7 +28,7 @@ def run(cfg: PretrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model.parameters(), cfg.opt)
-    tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len * parallel.dp_size()
+    tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len  # the batch is global
     n_params = count_params(model, exclude_embeddings=True)
     total_steps = step_budget(cfg.stop, tokens_per_step, n_params,
                               manifest.data["train"]["tokens"])

@@ -1,10 +1,10 @@
 from collections import Counter
 
+import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from forgetless.data.loader import Loader, StreamSpec, TokenStream
-from forgetless.data.shards import read_shard
+from forgetless.data.loader import Loader, StreamSpec
+from forgetless.data.shards import DataError, read_shard
 
 
 def _key(row: torch.Tensor) -> bytes:
@@ -24,29 +24,29 @@ def test_same_seed_same_order_other_seed_other_order(manifest):
     assert a[0].shape == (8, 32) and a[0].dtype == torch.int64
 
 
-def _first_epoch(spec, workers):
-    """Samples each (rank, worker) slot yields in epoch 0."""
-    seen = []
-    finished = set()
-    for batch, worker, state in DataLoader(TokenStream(spec), batch_size=None,
-                                           num_workers=workers):
-        if state["epoch"] == 0:
-            seen.extend(_key(r) for r in batch)
-        else:
-            finished.add(worker)
-            if len(finished) == workers:
-                return seen
-    raise AssertionError("unreachable")
-
-
-def test_ranks_and_workers_split_each_epoch_exactly(manifest):
+def test_each_sample_once_per_epoch(manifest):
     everything = Counter(_key(torch.from_numpy(s)) for path, n in manifest.shards("train")
                          for s in read_shard(path, n))
-    for world, workers in ((2, 2), (3, 1), (8, 2)):  # shard-level and sample-level splits
-        parts = [Counter(_first_epoch(StreamSpec(manifest, "train", 1, seed=0, rank=r,
-                                                 world=world), workers))
-                 for r in range(world)]
-        assert sum(parts, Counter()) == everything, (world, workers)
+    n = manifest.sequences("train")
+    loader = Loader(StreamSpec(manifest, "train", 1, seed=0))
+    first = Counter(_key(b[0]) for b in _take(loader, n))
+    assert first == everything
+    assert loader.state_dict() == {"epoch": 0, "position": n}
+    second = [b[0] for b in _take(loader, n)]
+    assert Counter(map(_key, second)) == everything and loader.state_dict()["epoch"] == 1
+    assert [_key(r) for r in second] != [_key(b[0]) for b in _take(
+        Loader(StreamSpec(manifest, "train", 1, seed=0)), n)]  # a fresh order each epoch
+
+
+def test_ranks_and_workers_split_global_batches_exactly(manifest):
+    reference = _take(Loader(StreamSpec(manifest, "train", 8, seed=2)), 6)
+    for world, workers in ((2, 0), (2, 2), (4, 1), (8, 2)):
+        parts = [_take(Loader(StreamSpec(manifest, "train", 8, seed=2, rank=r, world=world),
+                              workers), 6) for r in range(world)]
+        for k, batch in enumerate(reference):
+            assert torch.equal(torch.cat([p[k] for p in parts]), batch), (world, workers, k)
+    with pytest.raises(DataError, match="not divisible by the 3 data-parallel ranks"):
+        StreamSpec(manifest, "train", 8, world=3)
 
 
 def test_exact_continuation_from_state_across_epochs(manifest):
@@ -56,7 +56,7 @@ def test_exact_continuation_from_state_across_epochs(manifest):
         loader = Loader(spec, workers)
         _take(loader, n // 16 + 3)  # past the first epoch
         state = loader.state_dict()
-        assert max(s["epoch"] for s in state["workers"]) >= 1
+        assert state["epoch"] == 1
         expected = _take(loader, 12)
         resumed = _take(Loader(spec, workers, state), 12)
         assert all(torch.equal(x, y) for x, y in zip(expected, resumed, strict=True)), workers
