@@ -88,10 +88,8 @@ def replay_rows(cfg: FinetuneConfig) -> int:
 
 
 def replace_rows(down: torch.Tensor, replay: torch.Tensor | None) -> torch.Tensor:
-    """The downstream batch with its last len(replay) rows replaced by replay rows."""
-    if replay is None or len(replay) == 0:
-        return down
-    return torch.cat([down[:len(down) - len(replay)], replay])
+    """The `replace` batch: the downstream rows, then the replay rows that take their place."""
+    return down if replay is None else torch.cat([down, replay])
 
 
 def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module):
@@ -167,7 +165,8 @@ def run(cfg: FinetuneConfig) -> dict:
     n_replay = replay_rows(cfg)
     dp = dict(rank=parallel.dp_rank(), world=parallel.dp_size(),
               shuffle_buffer=cfg.data_opts.shuffle_buffer)
-    down_loader = Loader(StreamSpec(down, "train", cfg.opt.batch_size, seed=cfg.seed, **dp),
+    down_rows = cfg.opt.batch_size - (n_replay if cfg.method == "replace" else 0)
+    down_loader = Loader(StreamSpec(down, "train", down_rows, seed=cfg.seed, **dp),
                          cfg.data_opts.workers, state["data"]["down"])
     replay: Loader | OnTheFlyReplay | None = None
     if n_replay and cfg.replay.source == "onthefly":
@@ -180,7 +179,6 @@ def run(cfg: FinetuneConfig) -> dict:
         replay = Loader(StreamSpec(source, "train", n_replay, seed=cfg.seed + 1, **dp),
                         cfg.data_opts.workers, state["data"]["replay"])
 
-    down_rows = cfg.opt.batch_size - (n_replay if cfg.method == "replace" else 0)
     tokens_per_step = down_rows * model_cfg.seq_len  # the batch is global
     total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
 

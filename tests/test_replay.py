@@ -145,7 +145,7 @@ def test_kl_pre_regulariser_has_zero_gradient_at_start(world, megatron_world):
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), method
 
 
-def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path):
+def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path, monkeypatch):
     replay_dir = tmp_path / "replay"
     generate.run(config.load(GenerateConfig, None, [f"checkpoint={world['base']}",
                                                     f"out={replay_dir}", "samples=32"]))
@@ -160,8 +160,18 @@ def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path):
         "kl_dwn": ["method=kl_dwn"],
         "onthefly": ["method=kl_pre", "replay.source=onthefly", "replay.buffer_batches=2"],
     }
+    seen_rows = []
+    real_token_losses = finetune.token_losses
+
+    def recording_token_losses(model, tokens):
+        seen_rows.append(tokens[:, 0].tolist())
+        return real_token_losses(model, tokens)
+
     for name, extra in runs.items():
+        if name == "replace":
+            monkeypatch.setattr(finetune, "token_losses", recording_token_losses)
         final = finetune.run(_finetune_cfg(world, tmp_path / name, *extra))
+        monkeypatch.setattr(finetune, "token_losses", real_token_losses)
         records = metrics.read(tmp_path / name / "metrics.jsonl")
         keys = {f"{p}_{m}{s}" for p in ("valid", "prev") for m in ("ntp", "kl")
                 for s in ("", "_2nd")}
@@ -183,8 +193,12 @@ def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path):
     assert any(k.endswith("lora_b") and v.abs().sum() > 0 for k, v in trained.items())
     merged, _ = checkpoint.load_model(checkpoint.latest(tmp_path / "lora"))
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    # replace: the stated number of rows comes from replay (they start with prev's token)
-    down = torch.full((8, 32), 7)
+    # replace: every training batch has 8 rows, 2 of them replay (prev's domain token first)
+    prev_token, down_token = world["prev"].domain_token, world["down"].domain_token
+    assert len(seen_rows) == 4
+    assert all(len(r) == 8 and r.count(prev_token) == 2 and r.count(down_token) == 6
+               for r in seen_rows)
+    down = torch.full((6, 32), 7)
     replay = torch.full((2, 32), world["prev"].domain_token)
     rows = finetune.replace_rows(down, replay)
     assert rows.shape == (8, 32) and (rows[:, 0] == world["prev"].domain_token).sum() == 2
