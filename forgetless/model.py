@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -47,6 +48,8 @@ def build_model(cfg: ModelConfig) -> GPTModel:
         spec.submodules.self_attention.submodules.core_attention = cpu_shims.SDPACoreAttention
     return GPTModel(
         config=transformer_config(cfg),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         transformer_layer_spec=spec,
         vocab_size=cfg.vocab,
         max_sequence_length=cfg.seq_len,
