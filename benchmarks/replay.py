@@ -26,9 +26,9 @@ from forgetless.sampler import generate
 from forgetless.train import Run, train_step
 
 
-def _finetune_tokens_per_s(cfg: FinetuneConfig, steps: int, down, replay_manifest) -> float:
+def _finetune_run(cfg: FinetuneConfig, down, replay_manifest) -> Run:
     ckpt = checkpoint.resolve(cfg.checkpoint)
-    student, state = checkpoint.load_model(ckpt)
+    student, _ = checkpoint.load_model(ckpt)
     teacher, _ = checkpoint.load_model(ckpt)
     teacher.requires_grad_(False)
     replay = (Loader(StreamSpec(replay_manifest, "train", cfg.replay.batch_size))
@@ -41,17 +41,22 @@ def _finetune_tokens_per_s(cfg: FinetuneConfig, steps: int, down, replay_manifes
               checkpoint_state=dict)
     for _ in range(3):
         train_step(run, next(data))
+    return run
+
+
+def _seconds_per_step(run: Run, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(run, next(data))
-    return steps * cfg.opt.batch_size * state["model"]["seq_len"] / (time.perf_counter() - start)
+        train_step(run, next(run.data))
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("replay")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5, help="finetuning steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="generation batch")
     args = parser.parse_args()
     parallel.init(0)
@@ -73,14 +78,19 @@ def main() -> None:
     _, down = catalog.resolve(base.data, base.cache_dir, state["model"]["seq_len"],
                               state["model"]["vocab"], opts)
     replay = load_manifest(args.replay)
-    speeds = {}
-    for method in ("none", "kl_pre"):
-        cfg = config.load(FinetuneConfig, None, [f"checkpoint={args.checkpoint}",
-                                                 f"method={method}", "opt.batch_size=32",
-                                                 "replay.batch_size=16", "replay.source=self",
-                                                 f"replay.data={args.replay}"])
-        speeds[method] = _finetune_tokens_per_s(cfg, args.steps, down, replay)
-        print(f"finetune {method}: {speeds[method]:,.0f} downstream tokens/s")
+    runs = {method: _finetune_run(config.load(FinetuneConfig, None, [
+        f"checkpoint={args.checkpoint}", f"method={method}", "opt.batch_size=32",
+        "replay.batch_size=16", "replay.source=self", f"replay.data={args.replay}"]), down,
+        replay) for method in ("none", "kl_pre")}
+    # alternate the two in rounds so that load on the machine affects both alike
+    times: dict[str, list[float]] = {method: [] for method in runs}
+    for _ in range(args.rounds):
+        for method, run in runs.items():
+            times[method].append(_seconds_per_step(run, args.steps))
+    seq_len = state["model"]["seq_len"]
+    speeds = {m: 32 * seq_len / sorted(t)[len(t) // 2] for m, t in times.items()}
+    for method, speed in speeds.items():
+        print(f"finetune {method}: {speed:,.0f} downstream tokens/s (median of {args.rounds})")
     print(f"kl_pre keeps {speeds['kl_pre'] / speeds['none']:.0%} of none's speed")
 
 

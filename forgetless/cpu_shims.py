@@ -28,7 +28,9 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_: object):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, attn_mask_type=None,
+                **_: object) -> torch.Tensor:
         # megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.size(1) != q.size(1):  # grouped-query attention: repeat kv heads

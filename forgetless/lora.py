@@ -27,7 +27,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))  # starts as the identity
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, bias = self.base(x, *args, **kwargs)
         return out + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale, bias
 

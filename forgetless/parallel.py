@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch):
+def to_device(batch: Any) -> Any:
     """A tensor, or a dict of tensors (None allowed), moved to device()."""
     if isinstance(batch, dict):
         return {k: to_device(v) for k, v in batch.items()}

@@ -8,6 +8,7 @@ on replay), kl_dwn (+ lam x the same KL on the downstream batch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def replace_rows(down: torch.Tensor, replay: torch.Tensor | None) -> torch.Tenso
     return down if replay is None else torch.cat([down, replay])
 
 
-def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module):
+def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module
+              ) -> Callable[[dict], tuple[torch.Tensor, dict]]:
     method, lam = cfg.method, cfg.lam
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
