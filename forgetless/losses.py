@@ -39,7 +39,7 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         log_s, p_t = ctx.saved_tensors
-        return ((log_s.exp() - p_t) * grad.unsqueeze(-1)).to(ctx.dtype), None
+        return log_s.exp().sub_(p_t).mul_(grad.unsqueeze(-1)).to(ctx.dtype), None
 
 
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
