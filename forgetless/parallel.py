@@ -40,13 +40,6 @@ def seed_all(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def device() -> torch.device:
     """Where the model and batches live: this rank's GPU, or the CPU."""
     if torch.cuda.is_available():
