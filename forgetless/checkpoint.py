@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
+from forgetless import lora
 from forgetless.atomic import publish_dir
+from forgetless.config import ModelConfig, load_dict
 from forgetless.errors import UserError
+from forgetless.model import build_model
 
 PREFIX = "step_"
 
@@ -104,10 +107,6 @@ def load(path: Path, model: torch.nn.Module,
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint holds, built from the architecture it records, and its state."""
-    from forgetless import lora
-    from forgetless.config import ModelConfig, load_dict
-    from forgetless.model import build_model
-
     state = read_state(path)
     model = build_model(load_dict(ModelConfig, state["model"]))
     if state.get("lora"):  # a LoRA finetune: load the adapters, then fold them in

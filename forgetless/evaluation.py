@@ -10,17 +10,22 @@ from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import Manifest
 
 
+def eval_set(manifest: Manifest, batch_size: int, max_sequences: int,
+             split: str = "valid") -> list[torch.Tensor]:
+    """The fixed evaluation batches (the first max_sequences; 0: all), read once per run."""
+    spec = StreamSpec(manifest, split, batch_size, train=False, limit=max_sequences)
+    return [parallel.to_device(batch) for batch in Loader(spec)]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, manifest: Manifest, batch_size: int, max_sequences: int,
-             teacher: torch.nn.Module | None = None, split: str = "valid") -> dict[str, float]:
-    """{ntp, ntp_2nd[, kl, kl_2nd]}: means over the tokens of the first max_sequences (0: all)."""
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor],
+             teacher: torch.nn.Module | None = None) -> dict[str, float]:
+    """{ntp, ntp_2nd[, kl, kl_2nd]}: means over every token of the evaluation batches."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     count, count_2nd = 0, 0
-    for batch in Loader(StreamSpec(manifest, split, batch_size, train=False,
-                                   limit=max_sequences)):
-        batch = parallel.to_device(batch)
+    for batch in batches:
         student = losses.logits(model, batch)
         per_token = {"ntp": losses.ntp(student, batch)}
         if teacher is not None:

@@ -17,8 +17,11 @@ from megatron.core import parallel_state, tensor_parallel
 from forgetless import cpu_shims
 
 
-def init(seed: int, tp: int = 1, pp: int = 1) -> None:
+def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
+    """Process groups, CPU shims, seeds, and torch's intra-op threads (0: torch's default)."""
     cpu_shims.install()
+    if threads:
+        torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:

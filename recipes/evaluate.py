@@ -6,7 +6,7 @@ from forgetless import checkpoint, config, parallel
 from forgetless.config import EvaluateConfig
 from forgetless.data import tokenizer as tok
 from forgetless.data.shards import load_manifest
-from forgetless.evaluation import evaluate
+from forgetless.evaluation import eval_set, evaluate
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -20,6 +20,7 @@ def run(cfg: EvaluateConfig) -> dict:
     tok.load(state["tokenizer"]["path"])  # the tokenizer must still be there and unchanged
     eval_cfg = state["config"]["eval"]
     max_sequences = cfg.max_sequences or (0 if cfg.data else eval_cfg["max_sequences"])
-    scores = evaluate(model, manifest, state["config"]["opt"]["batch_size"], max_sequences)
+    batches = eval_set(manifest, state["config"]["opt"]["batch_size"], max_sequences)
+    scores = evaluate(model, batches)
     return {"checkpoint": str(path), "step": state["step"], "data": str(manifest.path),
             **{f"valid_{k}": v for k, v in scores.items()}}

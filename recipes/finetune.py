@@ -19,7 +19,7 @@ from forgetless.config import FinetuneConfig, SamplingConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
-from forgetless.evaluation import evaluate
+from forgetless.evaluation import eval_set, evaluate
 from forgetless.model import token_losses
 from forgetless.optim import build_optimizer
 from forgetless.sampler import generate
@@ -125,11 +125,9 @@ def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.M
 
 def run(cfg: FinetuneConfig) -> dict:
     config.require(cfg, "checkpoint")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     base_path = checkpoint.resolve(cfg.checkpoint)
     base = checkpoint.read_state(base_path)
-    parallel.init(cfg.seed)
+    parallel.init(cfg.seed, cfg.threads)
     parallel.single_process("finetune")
     model_cfg = config.load_dict(config.ModelConfig, base["model"])
 
@@ -184,11 +182,13 @@ def run(cfg: FinetuneConfig) -> dict:
     tokens_per_step = down_rows * model_cfg.seq_len  # the batch is global
     total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
 
+    eval_sets = {prefix: eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
+                 for prefix, manifest in (("valid", down), ("prev", prev))}
+
     def eval_fn() -> dict:
         out = {}
-        for prefix, manifest in (("valid", down), ("prev", prev)):
-            scores = evaluate(student, manifest, cfg.opt.batch_size, cfg.eval.max_sequences,
-                              teacher=teacher)
+        for prefix, batches in eval_sets.items():
+            scores = evaluate(student, batches, teacher=teacher)
             out.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return out
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from forgetless import checkpoint, config, parallel
+from forgetless.atomic import atomic_write_text
 from forgetless.config import GenerateConfig, to_dict
 from forgetless.data import tokenizer as tok
 from forgetless.data.shards import (
@@ -53,16 +54,14 @@ def _check_plan(out: Path, plan: dict) -> None:
             raise DataError(f"generate: {out} holds replay made with other settings "
                             f"({', '.join(diff)} differ); choose another out= or remove it")
     elif parallel.is_main():
-        path.write_text(json.dumps(plan, indent=2))
+        atomic_write_text(path, json.dumps(plan, indent=2))
 
 
 def run(cfg: GenerateConfig) -> dict:
     config.require(cfg, "checkpoint", "out")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     path = checkpoint.resolve(cfg.checkpoint)
     state = checkpoint.read_state(path)
-    parallel.init(cfg.seed)
+    parallel.init(cfg.seed, cfg.threads)
     model, _ = checkpoint.load_model(path)
     tokenizer = tok.load(state["tokenizer"]["path"])
     source = load_manifest(state["manifest"])

@@ -10,7 +10,7 @@ from forgetless import checkpoint, config, parallel
 from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
-from forgetless.evaluation import evaluate
+from forgetless.evaluation import eval_set, evaluate
 from forgetless.model import build_model, count_params, token_losses
 from forgetless.optim import build_optimizer
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
@@ -18,9 +18,7 @@ from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain (or resume, or only evaluate a finished run); returns the final record."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    parallel.init(cfg.seed)
+    parallel.init(cfg.seed, cfg.threads)
     parallel.single_process("pretrain")
     tokenizer, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len,
                                           cfg.model.vocab, cfg.data_opts)
@@ -54,8 +52,10 @@ def run(cfg: PretrainConfig) -> dict:
     def loss_fn(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return token_losses(model, batch).mean(), {}
 
+    valid = eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
+
     def eval_fn() -> dict:
-        scores = evaluate(model, manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
+        scores = evaluate(model, valid)
         return {f"valid_{k}": v for k, v in scores.items()}
 
     def checkpoint_state() -> dict:
