@@ -1,7 +1,10 @@
 """Checkpoints: a directory per step, visible only once complete, the newest K kept.
 
-checkpoints/step_00000100/{model.pt, optim.pt, state.json}; state.json holds the step, token
-count, loader state, resolved config, and the tokenizer and manifest references.
+checkpoints/step_00000100/{model/, optim/, rng.pt, state.json}: model and optimizer are
+megatron-core distributed checkpoints (every rank writes its shards; loadable under any other
+TP/PP/DP layout), state.json holds the step, token count, every loader's state, resolved
+config, and the tokenizer and manifest references. Everything is written into a hidden
+directory that is renamed into place once every rank has finished.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
-from forgetless import lora
+from forgetless import lora, parallel
 from forgetless.atomic import publish_dir
 from forgetless.config import ModelConfig, load_dict
 from forgetless.errors import UserError
@@ -43,7 +48,7 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such directory")
-    if (path / "state.json").exists() or (path / "model.pt").exists():
+    if (path / "state.json").exists() or (path / "model").exists():
         return path
     found = latest(path)
     if found is None:
@@ -51,27 +56,68 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
-def save(run_dir: str | Path, step: int, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer | None, state: dict, keep: int) -> Path:
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def _optim_metadata(distributed: bool) -> dict:
+    # Why dp_reshardable: megatron's default layout for distributed-optimizer state fails
+    # here ("flattened_range is not supported"); this one reshards over DP sizes.
+    return {"distrib_optim_sharding_type": "dp_reshardable"} if distributed else {}
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def resume_path(run_dir: str | Path, resume: str) -> Path | None:
+    """resume=auto: the newest complete checkpoint of run_dir (None in a fresh one); never:
+    start fresh (refused where checkpoints exist); else a checkpoint or run directory."""
+    if resume == "auto":
+        return latest(run_dir)
+    if resume == "never":
+        if latest(run_dir) is not None:
+            raise CheckpointError(f"resume=never but {run_dir} holds checkpoints; use "
+                                  f"resume=auto or another run_dir")
+        return None
+    return resolve(resume)
+
+
+def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
+         keep: int, distributed_optimizer: bool = False) -> Path:
+    """Every rank calls this; the checkpoint appears (renamed into place) once all wrote."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                   tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    publish_dir(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if parallel.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        if optimizer is not None:
+            (tmp / "optim").mkdir()
+    _barrier()
+    core = _core(model)
+    if optimizer is not None:  # from its own copy: saving builds factories in place
+        dist_checkpointing.save(optimizer.sharded_state_dict(
+            core.sharded_state_dict(), metadata=_optim_metadata(distributed_optimizer)),
+            str(tmp / "optim"))
+    dist_checkpointing.save(core.sharded_state_dict(), str(tmp / "model"))
+    _barrier()
+    if parallel.is_main():
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "distributed_optimizer": distributed_optimizer, **state}, indent=2))
+        publish_dir(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
 def read_state(path: Path) -> dict:
-    if not (path / "model.pt").exists():
-        raise CheckpointError(f"checkpoint {path}: no weights (model.pt is missing)")
+    if not (path / "model").is_dir():
+        raise CheckpointError(f"checkpoint {path}: no weights (model/ is missing)")
     if not (path / "state.json").exists():
         raise CheckpointError(f"checkpoint {path}: state.json is missing")
     try:
@@ -88,28 +134,49 @@ def check_model_config(path: Path, saved: dict, current: dict) -> None:
         raise CheckpointError(f"checkpoint {path} has another architecture: " + "; ".join(diff))
 
 
-def load(path: Path, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load(path: Path, model: torch.nn.Module, optimizer=None,
+         distributed_optimizer: bool = False) -> dict:
+    """Weights (and optimizer state and RNG) into a model built for the current layout."""
     state = read_state(path)
+    core = _core(model)
     try:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu",
-                                         weights_only=True))
+        core.load_state_dict(dist_checkpointing.load(core.sharded_state_dict(),
+                                                     str(path / "model")))
         if optimizer is not None:
-            if not (path / "optim.pt").exists():
-                raise CheckpointError(f"checkpoint {path}: optim.pt is missing")
-            extra = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(extra["optimizer"])
-            torch.set_rng_state(extra["rng"])
-    except (RuntimeError, EOFError, KeyError) as e:
+            if not (path / "optim").is_dir():
+                raise CheckpointError(f"checkpoint {path}: optim/ is missing")
+            if state.get("distributed_optimizer", False) != distributed_optimizer:
+                raise CheckpointError(
+                    f"checkpoint {path}: saved with parallel.distributed_optimizer="
+                    f"{state.get('distributed_optimizer')}; resume with the same setting")
+            with torch.no_grad():  # dp_reshardable loading needs it
+                optimizer.load_state_dict(dist_checkpointing.load(
+                    optimizer.sharded_state_dict(
+                        core.sharded_state_dict(), is_loading=True,
+                        metadata=_optim_metadata(distributed_optimizer)),
+                    str(path / "optim")))
+            torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    except (RuntimeError, EOFError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({e})") from e
     return state
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """The model a checkpoint holds, built from the architecture it records, and its state."""
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as saved (LoRA adapters beside their frozen base weights)."""
     state = read_state(path)
     model = build_model(load_dict(ModelConfig, state["model"]))
-    if state.get("lora"):  # a LoRA finetune: load the adapters, then fold them in
+    if state.get("lora"):
+        lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
+    load(path, model)
+    return model.state_dict()
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The model a checkpoint holds, built for the current layout from the architecture it
+    records (a LoRA finetune's adapters folded in), and its state."""
+    state = read_state(path)
+    model = build_model(load_dict(ModelConfig, state["model"]))
+    if state.get("lora"):
         lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
         load(path, model)
         lora.merge(model)
@@ -120,9 +187,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
 
 
 def content_hash(path: Path) -> str:
-    """sha256 of a checkpoint's weights: what replay provenance records."""
+    """sha256 of a checkpoint's weight files (names and bytes): what replay provenance records."""
     digest = hashlib.sha256()
-    with open(path / "model.pt", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in sorted(p for p in (path / "model").rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()

@@ -8,7 +8,7 @@ import json
 import sys
 
 from forgetless import config
-from forgetless.errors import UserError
+from forgetless.errors import Preempted, UserError
 
 PROGRAMS = {
     # command: (module:function under forgetless.recipes, config schema, help)
@@ -70,5 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"forgetless {program}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"forgetless {program}: {e}; exit code {e.exit_code}", file=sys.stderr)
+        return e.exit_code
     print(json.dumps(result, indent=2))
     return 0

@@ -127,8 +127,10 @@ class EvalConfig:
     interval: int = 100  # steps between evaluations
     max_sequences: int = 512  # validation sequences per evaluation (0: all)
     log_interval: int = 10
+    peak_tflops: float = 0.0  # per rank, for model FLOPs utilisation; 0: not reported
 
     def __post_init__(self) -> None:
+        _check(self.peak_tflops >= 0, "eval.peak_tflops", "must be >= 0")
         _check(self.interval > 0, "eval.interval", "must be positive")
         _check(self.max_sequences >= 0, "eval.max_sequences", "must be >= 0")
         _check(self.log_interval > 0, "eval.log_interval", "must be positive")
@@ -162,6 +164,36 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "data_opts.shuffle_buffer", "must be >= 1")
 
 
+@dataclass
+class ParallelConfig:
+    """Megatron layout: DP = world size / (tp * pp); the batch sizes stay global."""
+
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 1  # per step and DP rank; pipelining wants several (e.g. 2 * pp)
+    distributed_optimizer: bool = False  # shard optimizer state over DP ranks
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "microbatches"):
+            _check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+
+
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+
+@dataclass
+class PreemptConfig:
+    """On one of these signals every rank stops at the same step, checkpoints, and exits."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    exit_code: int = 75  # EX_TEMPFAIL: "try again", what a launcher requeues on
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            _one_of(name, "preempt.signals", SIGNALS)
+        _check(1 <= self.exit_code <= 255, "preempt.exit_code", "must be in [1, 255]")
+
+
 def default_cache_dir() -> str:
     return os.environ.get("FORGETLESS_CACHE", str(Path.home() / ".cache" / "forgetless"))
 
@@ -178,6 +210,9 @@ class PretrainConfig:
     stop: StopConfig = field(default_factory=lambda: StopConfig(tokens=1_000_000))
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir; never; or a path
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -248,8 +283,10 @@ class GenerateConfig:
     shard_samples: int = 512
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     threads: int = 0
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        _check(self.parallel.pp == 1, "parallel.pp", "generation runs with pp=1 (use tp and DP)")
         for key in ("samples", "batch_size", "shard_samples"):
             _check(getattr(self, key) > 0, key, "must be positive")
         _check(self.first_id >= 0, "first_id", "must be >= 0")
@@ -304,6 +341,9 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(interval=25,
                                                                 max_sequences=256))
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir; never; or a path
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
+from torch.overrides import TorchFunctionMode
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -50,13 +51,57 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Rewrites device="cuda" (and .cuda() / .to("cuda")) to the CPU.
+
+    Why: megatron's DDP grad buffers, optimizer, pipeline schedules and dist_checkpointing
+    create tensors with device="cuda" or torch.cuda.current_device() unconditionally."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+_tensor_type = torch.Tensor.type
+
+
+def _cuda_type_name(self: torch.Tensor, *args, **kwargs):
+    """Why: megatron's DDP and optimizer assert tensor.type() == "torch.cuda.FloatTensor".
+    The mode above calls this again for its own dispatch, hence the guard against a second
+    rewrite."""
+    if args or kwargs:
+        return _tensor_type(self, *args, **kwargs)
+    name = _tensor_type(self)
+    return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+
+_installed = False
+
+
 def install() -> None:
     """Patch the torch.cuda calls megatron-core makes unconditionally; a no-op on GPUs."""
-    if not on_cpu():
+    global _installed
+    if not on_cpu() or _installed:
         return
+    _installed = True
     # Why: RoPE (rotary_pos_embedding.get_emb) and tensor-parallel layers place tensors on
     # device=torch.cuda.current_device(); "cpu" keeps them where the model is. A string, not 0,
-    # because index 0 would mean cuda:0 for torch's device parsing.
+    # because index 0 would mean cuda:0 for torch's device parsing (and the mode above is not
+    # active inside autograd's backward).
     torch.cuda.current_device = lambda: "cpu"
     # Why: timers and schedules call synchronize between steps; there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.type = _cuda_type_name
+    CudaToCpu().__enter__()

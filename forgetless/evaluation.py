@@ -1,20 +1,36 @@
 """Evaluation on a fixed set: next-token loss and, given a teacher, KL(teacher || student);
-each also over the second half of the positions (where the context is long)."""
+each also over the second half of the positions (where the context is long).
+
+Each DP rank takes every dp-th sequence; sums meet on the last pipeline stage's ranks and
+every rank gets the same means."""
 
 from __future__ import annotations
 
 import torch
 
-from forgetless import losses, parallel
+from forgetless import losses, parallel, schedule
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import Manifest
+from forgetless.schedule import Micro
 
 
 def eval_set(manifest: Manifest, batch_size: int, max_sequences: int,
              split: str = "valid") -> list[torch.Tensor]:
-    """The fixed evaluation batches (the first max_sequences; 0: all), read once per run."""
+    """This DP rank's share of the fixed evaluation batches (the first max_sequences; 0: all),
+    read once per run."""
     spec = StreamSpec(manifest, split, batch_size, train=False, limit=max_sequences)
-    return [parallel.to_device(batch) for batch in Loader(spec)]
+    mine = (batch[parallel.dp_rank()::parallel.dp_size()] for batch in Loader(spec))
+    return [parallel.to_device(batch) for batch in mine if batch.size(0)]
+
+
+def _sums(per_token: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    half = per_token["ntp"].size(1) // 2
+    out = {"count": torch.tensor(float(per_token["ntp"].numel())),
+           "count_2nd": torch.tensor(float(per_token["ntp"][:, half:].numel()))}
+    for key, values in per_token.items():
+        out[key] = values.double().sum()
+        out[f"{key}_2nd"] = values[:, half:].double().sum()
+    return out
 
 
 @torch.no_grad()
@@ -23,18 +39,23 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor],
     """{ntp, ntp_2nd[, kl, kl_2nd]}: means over every token of the evaluation batches."""
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = {}
-    count, count_2nd = 0, 0
+    results: list[dict] = []
     for batch in batches:
-        student = losses.logits(model, batch)
-        per_token = {"ntp": losses.ntp(student, batch)}
+        target = None
         if teacher is not None:
-            per_token["kl"] = losses.kl(student, losses.logits(teacher, batch))
-        half = per_token["ntp"].size(1) // 2
-        for key, values in per_token.items():
-            for name, part in ((key, values), (f"{key}_2nd", values[:, half:])):
-                sums[name] = sums.get(name, 0.0) + part.double().sum().item()
-        count += per_token["ntp"].numel()
-        count_2nd += per_token["ntp"][:, half:].numel()
+            target = schedule.run(teacher, [Micro(batch, labels=False)], forward_only=True)
+
+        def stats(student: torch.Tensor, target=target) -> tuple[torch.Tensor, dict]:
+            per_token = {}
+            if target is not None:  # before ntp, which consumes the logits
+                per_token["kl"] = losses.kl(student, target[0])
+            per_token["ntp"] = losses.ntp(student, batch)
+            return torch.zeros(()), _sums(per_token)
+
+        results += schedule.run(model, [Micro(batch, stats, labels=False)], forward_only=True)
     model.train(was_training)
-    return {k: v / (count_2nd if k.endswith("_2nd") else count) for k, v in sums.items()}
+    totals = parallel.from_last_stage(schedule.totals(results))
+    keys = ("ntp", "kl") if teacher is not None else ("ntp",)
+    return {name: totals[name] / totals["count_2nd" if name.endswith("_2nd") else "count"]
+            for key in keys for name in (key, f"{key}_2nd")}
+

@@ -1,37 +1,57 @@
-"""Per-token losses from logits: next-token cross-entropy and KL(teacher || student)."""
+"""Per-token losses from (vocabulary-parallel) logits: next-token cross-entropy and
+KL(teacher || student). Under TP each rank holds a slice of the vocabulary; the reductions
+over it are all-reduces of [b, s] tensors, never a gather of full-vocabulary logits."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from forgetless import parallel
 
 
 def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [b, s-1, vocab] for packed sequences [b, s]."""
+    """Next-token logits [b, s-1, vocab / tp] for packed sequences [b, s]."""
     inputs = tokens[:, :-1]
     positions = torch.arange(inputs.size(1), device=tokens.device).expand_as(inputs)
     return model(inputs, positions, attention_mask=None)
 
 
 def ntp(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token loss [b, s-1]."""
-    return F.cross_entropy(student_logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
-                           reduction="none").view(tokens.size(0), -1)
+    """Per-token next-token loss [b, s-1]. Megatron's kernel overwrites float32 logits in
+    place: compute any other loss on the same logits first."""
+    return vocab_parallel_cross_entropy(student_logits.float(), tokens[:, 1:])
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    if parallel.tp_size() == 1:
+        return F.log_softmax(x, dim=-1)
+    local = torch.logsumexp(x, dim=-1)
+    top = local.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=parallel.tp_group())
+    total = (local - top).exp()
+    dist.all_reduce(total, group=parallel.tp_group())
+    return x - (top + total.log()).unsqueeze(-1)
 
 
 class _KL(torch.autograd.Function):
     """KL(teacher || student) per token with the analytic gradient softmax(s) - softmax(t).
 
     Exactly zero gradient when student and teacher logits are equal, and one saved pair of
-    [.., vocab] tensors instead of autograd's chain through log_softmax and kl_div."""
+    [.., vocab] tensors instead of autograd's chain through log_softmax and kl_div. The
+    gradient needs no communication: each TP rank's vocabulary slice is its own."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(student.dtype, torch.float32)  # float32 or float64
-        log_s = F.log_softmax(student.to(dtype), dim=-1)
-        log_t = F.log_softmax(teacher.to(dtype), dim=-1)
+        log_s = _log_softmax(student.to(dtype))
+        log_t = _log_softmax(teacher.to(dtype))
         p_t = log_t.exp()
         out = torch.linalg.vecdot(p_t, log_t.sub_(log_s))
+        if parallel.tp_size() > 1:
+            dist.all_reduce(out, group=parallel.tp_group())
         ctx.save_for_backward(log_s, p_t)
         ctx.dtype = student.dtype
         return out

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -38,6 +42,9 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        pipeline_dtype=torch.float32,  # the dtype of activations sent between stages
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
 
 
@@ -59,12 +66,50 @@ def build_model(cfg: ModelConfig) -> GPTModel:
     )
 
 
-def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
-    return sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if not (exclude_embeddings and "embedding" in n)
-    )
+def sharded_tensors(sharded_state_dict: dict) -> list[ShardedTensor]:
+    """The ShardedTensors of a megatron sharded state dict, factories (SwiGLU's fc1) built."""
+    found = []
+    for value in sharded_state_dict.values():
+        if isinstance(value, dict):
+            found += sharded_tensors(value)
+        elif isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            found += sharded_tensors(built) if isinstance(built, dict) else list(built)
+        elif isinstance(value, ShardedTensor):
+            found.append(value)
+    return found
+
+
+@torch.no_grad()
+def init_weights(model: GPTModel, cfg: ModelConfig, seed: int) -> None:
+    """Draw every matrix whole from (seed, its checkpoint key), keep this rank's slice.
+
+    Why: megatron initialises from the global RNG in module order, so each pipeline stage
+    would start its layers from the same stream; keyed draws give every TP/PP layout the
+    weights of the single-process model. Output projections get megatron's scaled std."""
+    scaled = cfg.init_std / math.sqrt(2 * cfg.layers)
+    for sh in sharded_tensors(model.sharded_state_dict()):
+        if sh.data.dim() < 2:  # norm gains keep their ones
+            continue
+        std = scaled if sh.key.endswith(("linear_proj.weight", "linear_fc2.weight")) \
+            else cfg.init_std
+        # megatron stacks the layers on prepended axes: their offsets say which layer this is
+        lead = sh.prepend_axis_num
+        name = f"{sh.key}{list(sh.global_offset[:lead])}"
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.randn(sh.global_shape[lead:], generator=generator).mul_(std)
+        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], sh.local_shape,
+                                                       strict=True))
+        sh.data.copy_(full[index])
+
+
+def count_params(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters of the whole model (every TP shard and pipeline stage), from its config."""
+    h, q = cfg.hidden, cfg.num_heads * cfg.head_dim
+    attn = h * 3 * q + q * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    mlp = h * cfg.ffn_size * (3 if cfg.mlp == "swiglu" else 2)
+    body = cfg.layers * (attn + mlp + 2 * h) + h  # two norms per layer, the final norm
+    return body if exclude_embeddings else body + 2 * cfg.vocab * h  # input + output embedding
 
 
 def token_losses(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:

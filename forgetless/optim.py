@@ -1,22 +1,28 @@
-"""AdamW and the learning-rate schedule (linear warmup, then constant or cosine)."""
+"""megatron-core's optimizer (AdamW; optionally sharded over DP) and the learning-rate
+schedule (linear warmup, then constant or cosine)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 
 from forgetless.config import OptConfig
 
+NO_CLIP = 1e30  # megatron reports the grad norm only when clipping: clip at "infinity"
 
-def build_optimizer(params, cfg: OptConfig) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norm gains
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=True)
+
+def build_optimizer(model: torch.nn.Module, cfg: OptConfig,
+                    distributed: bool = False) -> MegatronOptimizer:
+    """AdamW over the model's trainable parameters; norms and biases without weight decay.
+
+    `model` is megatron's DistributedDataParallel wrapper, whose grad buffers the optimizer
+    reads."""
+    return get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2, adam_eps=cfg.eps, clip_grad=cfg.grad_clip or NO_CLIP,
+        use_distributed_optimizer=distributed, params_dtype=torch.float32), [model])
 
 
 def lr_at(step: int, cfg: OptConfig, total_steps: int | None) -> float:
@@ -30,6 +36,6 @@ def lr_at(step: int, cfg: OptConfig, total_steps: int | None) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: MegatronOptimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from forgetless import cpu_shims
+from forgetless.errors import UserError
 
 
 def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
@@ -30,6 +31,13 @@ def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise UserError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the world size "
+                        f"{world}")
+    if parallel_state.model_parallel_is_initialized():
+        if (tp_size(), pp_size()) != (tp, pp):
+            parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp)
     seed_all(seed)
@@ -57,15 +65,6 @@ def to_device(batch: Any) -> Any:
     return batch if batch is None else batch.to(device(), non_blocking=True)
 
 
-def single_process(program: str) -> None:
-    """Training needs gradient synchronisation across ranks, which arrives with issue 4."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from forgetless.errors import UserError
-
-        raise UserError(f"{program} runs on one process for now (world size "
-                        f"{dist.get_world_size()}); multi-process training is issue #4")
-
-
 def dp_rank() -> int:
     return parallel_state.get_data_parallel_rank()
 
@@ -76,3 +75,66 @@ def dp_size() -> int:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def pp_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def split_rows(batch: torch.Tensor | None) -> torch.Tensor | None:
+    """This DP rank's contiguous share of a global batch's rows."""
+    if batch is None:
+        return None
+    rows, world = batch.size(0), dp_size()
+    if rows % world:
+        raise UserError(f"a global batch of {rows} rows does not split over {world} "
+                        f"data-parallel ranks")
+    share = rows // world
+    return batch[dp_rank() * share:(dp_rank() + 1) * share]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (preemption, NaN): all stop together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def from_last_stage(values: dict[str, float] | None) -> dict[str, float]:
+    """Metrics computed on the last pipeline stage: summed over its DP ranks (a key missing
+    on one counts 0), then given to every rank, so that all take the same decisions."""
+    if dist.get_world_size() == 1:
+        return values or {}
+    if values is not None:
+        shares: list[dict] = [{}] * dp_size()
+        dist.all_gather_object(shares, values, group=parallel_state.get_data_parallel_group())
+        values = {}
+        for share in shares:
+            for key, value in share.items():
+                values[key] = values.get(key, 0.0) + value
+    box = [values]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def is_last_stage() -> bool:
+    return parallel_state.is_pipeline_last_stage()
+
+
+def tp_group() -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,12 +1,15 @@
 """The one training loop: steps, logging, evaluation, stopping, checkpoints, resume.
 
-Recipes give it a model, an optimizer, a batch iterator with a state, a loss and an eval.
+Recipes give it a model (wrapped in megatron's DDP), megatron's optimizer, a batch iterator
+with a state, a plan that turns a batch into microbatches with their losses, and an eval.
+Every rank runs this loop; decisions (stop, save) are taken from values all ranks share.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,13 +17,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from tqdm import tqdm
 
-from forgetless import checkpoint, parallel
+from forgetless import checkpoint, parallel, schedule
 from forgetless.atomic import atomic_write_text
-from forgetless.config import CheckpointConfig, EvalConfig, OptConfig, StopConfig
+from forgetless.config import (
+    CheckpointConfig,
+    EvalConfig,
+    OptConfig,
+    ParallelConfig,
+    PreemptConfig,
+    StopConfig,
+)
+from forgetless.errors import Preempted
 from forgetless.metrics import MetricsLog
-from forgetless.optim import lr_at, set_lr
+from forgetless.optim import build_optimizer, lr_at, set_lr
 
 
 def initial_state(data: dict | None = None) -> dict:
@@ -46,6 +62,14 @@ def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
     return min(limits) if limits else None
 
 
+def trainable(model: torch.nn.Module, opt: OptConfig, layout: ParallelConfig):
+    """The model in megatron's DDP (gradients averaged over DP ranks) and its optimizer."""
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distributed_optimizer), model)
+    model.config.finalize_model_grads_func = finalize_model_grads  # the DP all-reduce
+    return ddp, build_optimizer(ddp, opt, layout.distributed_optimizer)
+
+
 class Batches(Protocol):
     """An endless batch iterator whose state a checkpoint stores to continue it exactly."""
 
@@ -62,7 +86,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     data: Batches
-    loss_fn: Callable[[Any], tuple[torch.Tensor, dict]]
+    plan: Callable[[Any], list[schedule.Micro]]  # a batch -> this rank's microbatches
     eval_fn: Callable[[], dict]
     opt: OptConfig
     stop: StopConfig
@@ -71,6 +95,9 @@ class Run:
     tokens_per_step: int
     total_steps: int | None
     checkpoint_state: Callable[[], dict]  # config and references stored with each checkpoint
+    preempt: PreemptConfig
+    flops_per_token: float = 0.0  # model FLOPs per trained token, for utilisation
+    distributed_optimizer: bool = False
     step: int = 0
     tokens: int = 0
     finished: bool = False  # a stop condition held; a restarted run only evaluates
@@ -79,14 +106,14 @@ class Run:
 
 
 def train_step(run: Run, batch: Any) -> tuple[float, float, dict]:
-    loss, extra = run.loss_fn(parallel.to_device(batch))
-    loss.backward()
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    clip = run.opt.grad_clip or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True).item()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return loss.item(), grad_norm, extra
+    """One optimizer step over the batch's microbatches; (loss, grad norm, extras) as every
+    rank sees them."""
+    run.model.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    results = schedule.run(run.model, run.plan(parallel.to_device(batch)), forward_only=False)
+    _, grad_norm, _ = run.optimizer.step()
+    extra = schedule.reduce(results)
+    return extra.pop("loss"), float(grad_norm), extra
 
 
 def _converged(run: Run, valid_ntp: float) -> bool:
@@ -103,72 +130,109 @@ def _converged(run: Run, valid_ntp: float) -> bool:
 def _save(run: Run, log: dict) -> Path:
     state = {"tokens": run.tokens, "finished": run.finished, "data": run.data.state_dict(),
              "best": run.best, "stale": run.stale, "last": log, **run.checkpoint_state()}
-    return checkpoint.save(run.run_dir, run.step, run.model, run.optimizer, state, run.ckpt.keep)
+    return checkpoint.save(run.run_dir, run.step, run.model, run.optimizer, state, run.ckpt.keep,
+                           run.distributed_optimizer)
 
 
-def fit(run: Run, log: MetricsLog) -> dict:
-    """Train until a stop condition holds; returns the final evaluation record."""
+class _Signals:
+    """Notes the preemption signals; the loop stops at a step every rank agrees on."""
+
+    def __init__(self, names: list[str]):
+        self.received: str | None = None
+        self.previous = {}
+        for name in names:
+            number = getattr(signal, name)
+            self.previous[number] = signal.signal(number, self._note)
+
+    def _note(self, number: int, _frame: object) -> None:
+        self.received = signal.Signals(number).name
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def _throughput(run: Run, steps: int, seconds: float) -> dict:
+    per_rank = steps * run.tokens_per_step / seconds / parallel.world_size()
+    out = {"tokens_per_s": per_rank * parallel.world_size(), "tokens_per_s_per_rank": per_rank}
+    if run.eval.peak_tflops and run.flops_per_token:
+        out["mfu"] = per_rank * run.flops_per_token / (run.eval.peak_tflops * 1e12)
+    return out
+
+
+def fit(run: Run, log: MetricsLog | None) -> dict:
+    """Train until a stop condition holds; returns the final evaluation record.
+
+    Raises Preempted after checkpointing when a preemption signal reached any rank."""
     if run.finished:
         return {"step": run.step, "tokens": run.tokens, **run.eval_fn()}
+    write = log.write if log is not None else (lambda record: None)
     if run.step == 0:  # the starting point: for finetuning, the teacher's own losses
-        log.write({"step": 0, "tokens": 0, "elapsed_s": 0.0, **run.eval_fn()})
+        write({"step": 0, "tokens": 0, "elapsed_s": 0.0, **run.eval_fn()})
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", mininterval=1.0,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=log is None)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     start = time.perf_counter()
     record: dict = {}
-    while True:
-        set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
-        loss, grad_norm, extra = train_step(run, next(run.data))
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            bar.close()
-            raise FloatingPointError(
-                f"step {run.step + 1}: loss {loss}, grad norm {grad_norm}; the last good "
-                f"checkpoint is {checkpoint.latest(run.run_dir)}"
-            )
-        run.step += 1
-        run.tokens += run.tokens_per_step
-        window_loss += loss
-        window_steps += 1
-        bar.update(1)
-        done = run.total_steps is not None and run.step >= run.total_steps
-        evaluate_now = done or run.step % run.eval.interval == 0
-        if evaluate_now or run.step % run.eval.log_interval == 0:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": run.step,
-                "tokens": run.tokens,
-                "train_loss": window_loss / window_steps,
-                "lr": run.optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "tokens_per_s": window_steps * run.tokens_per_step / elapsed,
-                "elapsed_s": time.perf_counter() - start,
-                **extra,
-            }
-            if evaluate_now:
-                record.update(run.eval_fn())
-                done = done or _converged(run, record["valid_ntp"])
-            log.write(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}",
-                            **({"valid": f"{record['valid_ntp']:.3f}"}
-                               if "valid_ntp" in record else {}))
-        run.finished = done
-        if done or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
-            _save(run, record)
-        if evaluate_now or run.step % run.eval.log_interval == 0:
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if done:
-            bar.close()
-            return record
+    signals = _Signals(run.preempt.signals)
+    try:
+        while True:
+            set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
+            loss, grad_norm, extra = train_step(run, next(run.data))
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"step {run.step + 1}: loss {loss}, grad norm {grad_norm}; the last good "
+                    f"checkpoint is {checkpoint.latest(run.run_dir)}")
+            run.step += 1
+            run.tokens += run.tokens_per_step
+            window_loss += loss
+            window_steps += 1
+            bar.update(1)
+            done = run.total_steps is not None and run.step >= run.total_steps
+            evaluate_now = done or run.step % run.eval.interval == 0
+            logged = evaluate_now or run.step % run.eval.log_interval == 0
+            if logged:
+                record = {
+                    "step": run.step,
+                    "tokens": run.tokens,
+                    "train_loss": window_loss / window_steps,
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    **_throughput(run, window_steps, time.perf_counter() - window_start),
+                    "elapsed_s": time.perf_counter() - start,
+                    **extra,
+                }
+                if evaluate_now:
+                    record.update(run.eval_fn())
+                    done = done or _converged(run, record["valid_ntp"])
+                write(record)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"valid": f"{record['valid_ntp']:.3f}"}
+                                   if "valid_ntp" in record else {}))
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            run.finished = done
+            preempted = parallel.any_rank(signals.received is not None)
+            if done or preempted or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
+                path = _save(run, record)
+            if preempted:
+                raise Preempted(f"preempted: checkpoint {path} at step {run.step}",
+                                run.preempt.exit_code)
+            if done:
+                return record
+    finally:
+        signals.restore()
+        bar.close()
 
 
 def train(run: Run, resolved_config: dict) -> dict:
     """Record the config, then fit while appending to metrics.jsonl; the final record."""
+    log = None
     if parallel.is_main():
         atomic_write_text(run.run_dir / "config.json", json.dumps(resolved_config, indent=2))
-    log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.step)
+        log = MetricsLog(run.run_dir / "metrics.jsonl", resume_step=run.step)
     try:
         return fit(run, log)
     finally:
-        log.close()
+        if log is not None:
+            log.close()

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, lora, losses, parallel
+from forgetless import checkpoint, config, lora, losses, parallel, schedule
 from forgetless.config import FinetuneConfig, SamplingConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
 from forgetless.evaluation import eval_set, evaluate
-from forgetless.model import token_losses
-from forgetless.optim import build_optimizer
+from forgetless.model import flops_per_token
 from forgetless.sampler import generate
-from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
+from forgetless.schedule import Micro, split
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
 
 
 class OnTheFlyReplay:
@@ -50,7 +52,7 @@ class OnTheFlyReplay:
             self.buffer_start = start
         offset = self.next_id - start
         self.next_id += self.batch_size
-        return self.buffer[offset:offset + self.batch_size]
+        return parallel.split_rows(self.buffer[offset:offset + self.batch_size])
 
     def state_dict(self) -> dict:
         return {"next_id": self.next_id}
@@ -93,42 +95,75 @@ def replace_rows(down: torch.Tensor, replay: torch.Tensor | None) -> torch.Tenso
     return down if replay is None else torch.cat([down, replay])
 
 
-def make_loss(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module
-              ) -> Callable[[dict], tuple[torch.Tensor, dict]]:
+@torch.no_grad()
+def teacher_logits(teacher: torch.nn.Module, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The frozen teacher's logits per microbatch (on the last stage; [] elsewhere)."""
+    return schedule.run(teacher, [Micro(c, labels=False) for c in chunks], forward_only=True)
+
+
+def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
+              ) -> Callable[[dict], list[Micro]]:
+    """A step's microbatches: downstream rows in microbatches of `size` rows, then the replay
+    rows (one microbatch, or `size`-row ones under pipelining). Each returns its share of
+    down_loss + lam * reg_loss. The student sees the regularised rows exactly as the teacher
+    does (same microbatches), so at step 0 both logits agree bit for bit and the KL gradient
+    is zero."""
     method, lam = cfg.method, cfg.lam
 
-    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+    def plan(batch: dict) -> list[Micro]:
         down, replay = batch["down"], batch["replay"]
         if method == "replace":
-            return token_losses(student, replace_rows(down, replay)).mean(), {}
-        if method == "kl_dwn":  # one forward serves both terms
-            down_logits = losses.logits(student, down)
-            down_loss = losses.ntp(down_logits, down).mean()
-        else:  # megatron's fused loss path: no logits kept for the backward
-            down_loss = token_losses(student, down).mean()
-        if method in ("none", "lora"):
-            return down_loss, {}
+            down, replay = replace_rows(down, replay), None
+        chunks = split(down, size)
+        n = len(chunks)
+        if method == "kl_dwn":
+            targets = teacher_logits(teacher, chunks)
+            return [Micro(c, partial(_ntp_and_kl, tokens=c, target=t, lam=lam, n=n),
+                          labels=False)
+                    for c, t in zip_longest(chunks, targets) if c is not None]
+        named = replay is not None
+        micros = [Micro(c, partial(_mean, weight=1.0, n=n, name="down_loss" if named else None))
+                  for c in chunks]
+        if replay is None:
+            return micros
+        replay_chunks = split(replay, size if parallel.pp_size() > 1 else replay.size(0))
+        m = len(replay_chunks)
         if method == "ntp_pre":
-            reg = token_losses(student, replay).mean()
-        else:
-            # The student sees the regularised rows exactly as the teacher does (same batch
-            # shape), so at step 0 both logits agree bit for bit and the KL gradient is zero.
-            target = replay if method == "kl_pre" else down
-            reg_logits = losses.logits(student, replay) if method == "kl_pre" else down_logits
-            with torch.no_grad():
-                teacher_logits = losses.logits(teacher, target)
-            reg = losses.kl(reg_logits, teacher_logits).mean()
-        return down_loss + lam * reg, {"down_loss": down_loss.item(), "reg_loss": reg.item()}
+            return micros + [Micro(c, partial(_mean, weight=lam, n=m, name="reg_loss"))
+                             for c in replay_chunks]
+        targets = teacher_logits(teacher, replay_chunks)
+        return micros + [Micro(c, partial(_kl, target=t, lam=lam, n=m), labels=False)
+                         for c, t in zip_longest(replay_chunks, targets) if c is not None]
 
-    return loss_fn
+    return plan
+
+
+def _mean(per_token: torch.Tensor, weight: float, n: int, name: str | None):
+    """weight x the mean next-token loss, as one of n microbatches' share."""
+    value = per_token.mean() / n
+    return weight * value, ({name: value.detach()} if name else {})
+
+
+def _kl(student: torch.Tensor, target: torch.Tensor, lam: float, n: int):
+    value = losses.kl(student, target).mean() / n
+    return lam * value, {"reg_loss": value.detach()}
+
+
+def _ntp_and_kl(student: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor,
+                lam: float, n: int):
+    reg = losses.kl(student, target).mean() / n  # first: ntp consumes the logits
+    down = losses.ntp(student, tokens).mean() / n
+    return down + lam * reg, {"down_loss": down.detach(), "reg_loss": reg.detach()}
 
 
 def run(cfg: FinetuneConfig) -> dict:
     config.require(cfg, "checkpoint")
     base_path = checkpoint.resolve(cfg.checkpoint)
     base = checkpoint.read_state(base_path)
-    parallel.init(cfg.seed, cfg.threads)
-    parallel.single_process("finetune")
+    parallel.init(cfg.seed, cfg.threads, cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.replay.source == "onthefly" and parallel.pp_size() > 1:
+        raise config.ConfigError("replay.source: onthefly samples from the teacher, which "
+                                 "needs parallel.pp=1")
     model_cfg = config.load_dict(config.ModelConfig, base["model"])
 
     opts = config.DataConfig(**{**config.to_dict(cfg.data_opts),
@@ -143,15 +178,15 @@ def run(cfg: FinetuneConfig) -> dict:
     teacher.requires_grad_(False)
     teacher.eval()
     student, _ = checkpoint.load_model(base_path)
-    params = (lora.apply(student, cfg.lora.rank, cfg.lora.alpha) if cfg.method == "lora"
-              else list(student.parameters()))
-    optimizer = build_optimizer(params, cfg.opt)
+    if cfg.method == "lora":
+        lora.apply(student, cfg.lora.rank, cfg.lora.alpha)
+    student, optimizer = trainable(student, cfg.opt, cfg.parallel)
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     base_hash = checkpoint.content_hash(base_path)
     state = initial_state({"down": None, "replay": None})
-    resume_from = checkpoint.latest(run_dir)
+    resume_from = checkpoint.resume_path(run_dir, cfg.resume)
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
         checkpoint.check_model_config(resume_from, saved["model"], model_cfg.resolved())
@@ -159,8 +194,10 @@ def run(cfg: FinetuneConfig) -> dict:
             raise checkpoint.CheckpointError(
                 f"{run_dir} holds a finetune of another checkpoint or method "
                 f"({saved.get('method')}); choose another run_dir")
-        state = checkpoint.load(resume_from, student, optimizer)
-        print(f"resuming from {resume_from} (step {state['step']})")
+        state = checkpoint.load(resume_from, student, optimizer,
+                                cfg.parallel.distributed_optimizer)
+        if parallel.is_main():
+            print(f"resuming from {resume_from} (step {state['step']})")
 
     n_replay = replay_rows(cfg)
     dp = dict(rank=parallel.dp_rank(), world=parallel.dp_size(),
@@ -181,6 +218,11 @@ def run(cfg: FinetuneConfig) -> dict:
 
     tokens_per_step = down_rows * model_cfg.seq_len  # the batch is global
     total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
+    rows = (cfg.opt.batch_size if cfg.method == "replace" else down_rows) // parallel.dp_size()
+    if rows % cfg.parallel.microbatches:
+        raise config.ConfigError(
+            f"parallel.microbatches: {cfg.parallel.microbatches} does not divide the {rows} "
+            f"rows each data-parallel rank takes of opt.batch_size")
 
     eval_sets = {prefix: eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
                  for prefix, manifest in (("valid", down), ("prev", prev))}
@@ -203,10 +245,14 @@ def run(cfg: FinetuneConfig) -> dict:
 
     training = Run(
         run_dir=run_dir, model=student, optimizer=optimizer,
-        data=FinetuneBatches(down_loader, replay), loss_fn=make_loss(cfg, student, teacher),
+        data=FinetuneBatches(down_loader, replay),
+        plan=make_plan(cfg, teacher, rows // cfg.parallel.microbatches),
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
-        checkpoint_state=checkpoint_state, **{k: state[k] for k in PROGRESS},
+        checkpoint_state=checkpoint_state, preempt=cfg.preempt,
+        flops_per_token=flops_per_token(model_cfg),
+        distributed_optimizer=cfg.parallel.distributed_optimizer,
+        **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():
         print(f"finetuning {base_path} on {down.path} with {cfg.method}"

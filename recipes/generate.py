@@ -1,7 +1,7 @@
 """`forgetless generate`: self-generated replay from a checkpoint into WebDataset shards.
 
 Shard k holds sample ids [first_id + k * shard_samples, ...); data-parallel ranks take every
-world-th shard. A finished shard is never rewritten, so an interrupted run resumes where it
+world-th shard (tensor-parallel peers sample together; the first writes). A finished shard is never rewritten, so an interrupted run resumes where it
 stopped, and since a sample's tokens depend only on (seed, id) the result is the same.
 """
 
@@ -61,7 +61,7 @@ def run(cfg: GenerateConfig) -> dict:
     config.require(cfg, "checkpoint", "out")
     path = checkpoint.resolve(cfg.checkpoint)
     state = checkpoint.read_state(path)
-    parallel.init(cfg.seed, cfg.threads)
+    parallel.init(cfg.seed, cfg.threads, cfg.parallel.tp)
     model, _ = checkpoint.load_model(path)
     tokenizer = tok.load(state["tokenizer"]["path"])
     source = load_manifest(state["manifest"])
@@ -71,6 +71,8 @@ def run(cfg: GenerateConfig) -> dict:
     _check_plan(out, plan)
     seq_len = plan["seq_len"]
 
+    if dist.get_world_size() > 1:  # every rank sees the same finished shards
+        dist.barrier()
     starts = range(cfg.first_id, cfg.first_id + cfg.samples, cfg.shard_samples)
     names = [f"replay-{i:06d}.tar" for i in range(len(starts))]
     mine = [(k, s) for k, s in enumerate(starts)
@@ -86,6 +88,8 @@ def run(cfg: GenerateConfig) -> dict:
             sequences.append(generate(model, source.domain_token, batch, seq_len, cfg.seed,
                                       **to_dict(cfg.sampling)))
             bar.update(batch.numel() * seq_len)
+        if parallel.tp_rank():  # tensor-parallel peers sampled the same tokens
+            continue
         tokens = torch.cat(sequences).cpu().numpy().astype(np.uint16)
         write_shard(out / names[k], tokens, first_key=first,
                     meta=lambda i: {"sample_id": i, "seed": cfg.seed,

@@ -11,23 +11,23 @@ from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.evaluation import eval_set, evaluate
-from forgetless.model import build_model, count_params, token_losses
-from forgetless.optim import build_optimizer
-from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
+from forgetless.model import build_model, count_params, flops_per_token, init_weights
+from forgetless.schedule import Micro, split
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
 
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain (or resume, or only evaluate a finished run); returns the final record."""
-    parallel.init(cfg.seed, cfg.threads)
-    parallel.single_process("pretrain")
+    parallel.init(cfg.seed, cfg.threads, cfg.parallel.tp, cfg.parallel.pp)
     tokenizer, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len,
                                           cfg.model.vocab, cfg.data_opts)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model.parameters(), cfg.opt)
+    init_weights(model, cfg.model, cfg.seed)
+    model, optimizer = trainable(model, cfg.opt, cfg.parallel)
     tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len  # the batch is global
-    n_params = count_params(model, exclude_embeddings=True)
+    n_params = count_params(cfg.model, exclude_embeddings=True)
     total_steps = step_budget(cfg.stop, tokens_per_step, n_params,
                               manifest.data["train"]["tokens"])
     if total_steps is None and cfg.opt.schedule == "cosine":
@@ -35,12 +35,13 @@ def run(cfg: PretrainConfig) -> dict:
                           "stop.tokens_per_param, stop.epochs or stop.steps)")
 
     state = initial_state()
-    resume_from = checkpoint.latest(run_dir)
+    resume_from = checkpoint.resume_path(run_dir, cfg.resume)
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
         checkpoint.check_model_config(resume_from, saved["model"], cfg.model.resolved())
-        state = checkpoint.load(resume_from, model, optimizer)
-        print(f"resuming from {resume_from} (step {state['step']})")
+        state = checkpoint.load(resume_from, model, optimizer, cfg.parallel.distributed_optimizer)
+        if parallel.is_main():
+            print(f"resuming from {resume_from} (step {state['step']})")
     if state["finished"] and total_steps is not None and state["step"] < total_steps:
         state["finished"] = False  # the budget was raised: keep training
 
@@ -49,8 +50,16 @@ def run(cfg: PretrainConfig) -> dict:
                       shuffle_buffer=cfg.data_opts.shuffle_buffer)
     loader = Loader(spec, cfg.data_opts.workers, state["data"])
 
-    def loss_fn(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return token_losses(model, batch).mean(), {}
+    rows = cfg.opt.batch_size // parallel.dp_size()
+    if rows % cfg.parallel.microbatches:
+        raise ConfigError(f"parallel.microbatches: {cfg.parallel.microbatches} does not divide "
+                          f"the {rows} rows each data-parallel rank takes of opt.batch_size")
+    size = rows // cfg.parallel.microbatches
+
+    def plan(batch: torch.Tensor) -> list[Micro]:
+        chunks = split(batch, size)
+        return [Micro(chunk, lambda out, n=len(chunks): (out.mean() / n, {}))
+                for chunk in chunks]
 
     valid = eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
 
@@ -64,18 +73,21 @@ def run(cfg: PretrainConfig) -> dict:
             "model": cfg.model.resolved(),
             "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash},
             "manifest": str(manifest.path.resolve()),
-            "params": count_params(model),
+            "params": count_params(cfg.model),
             "params_non_embedding": n_params,
         }
 
     training = Run(
-        run_dir=run_dir, model=model, optimizer=optimizer, data=loader, loss_fn=loss_fn,
+        run_dir=run_dir, model=model, optimizer=optimizer, data=loader, plan=plan,
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
-        checkpoint_state=checkpoint_state, **{k: state[k] for k in PROGRESS},
+        checkpoint_state=checkpoint_state, preempt=cfg.preempt,
+        flops_per_token=flops_per_token(cfg.model),
+        distributed_optimizer=cfg.parallel.distributed_optimizer,
+        **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():
-        print(f"model: {count_params(model):,} parameters ({n_params:,} without embeddings); "
+        print(f"model: {count_params(cfg.model):,} parameters ({n_params:,} without embeddings); "
               f"data: {manifest.path} ({manifest.data['train']['tokens']:,} train tokens, "
               f"unigram entropy {manifest.data['unigram_entropy']:.3f} nats)")
     final = train(training, config.to_dict(cfg))

@@ -1,8 +1,7 @@
 import torch
 
-from forgetless.config import ModelConfig, OptConfig
+from forgetless.config import ModelConfig
 from forgetless.model import build_model, count_params, token_losses
-from forgetless.optim import build_optimizer
 
 TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=32, vocab=512)
 
@@ -23,7 +22,11 @@ def test_forward_shapes(megatron_world):
     assert not any(n.endswith("bias") for n in names)
     assert "output_layer.weight" in names and "embedding.word_embeddings.weight" in names
     assert any("q_layernorm" in n for n in names) and any("k_layernorm" in n for n in names)
-    assert count_params(model) > count_params(model, exclude_embeddings=True)
+    cfg = ModelConfig(**TINY)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert count_params(cfg) - count_params(cfg, exclude_embeddings=True) == 2 * 512 * 32
+    gelu = ModelConfig(**TINY, mlp="gelu", qk_norm=False)
+    assert count_params(gelu) == sum(p.numel() for p in build_model(gelu).parameters())
 
 
 def test_causal(megatron_world):
@@ -46,7 +49,7 @@ def test_gelu_variant_builds(megatron_world):
 def test_loss_falls_on_tiny_overfit(megatron_world):
     torch.manual_seed(0)
     model = build_model(ModelConfig(**TINY))
-    opt = build_optimizer(model.parameters(), OptConfig(lr=3e-3, weight_decay=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     batch = torch.randint(0, 512, (4, 32))
     first = None
     for _ in range(80):

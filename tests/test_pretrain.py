@@ -76,8 +76,8 @@ def test_bad_inputs(manifest, megatron_world, tmp_path):
         pretrain.run(_cfg(manifest, tmp_path / "w", "stop.steps=2", "model.hidden=64",
                           "model.head_dim=32"))
     ckpt = checkpoint.latest(tmp_path / "w")
-    (ckpt / "model.pt").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match=r"no weights \(model.pt is missing\)"):
+    shutil.rmtree(ckpt / "model")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no weights \(model/ is missing\)"):
         evaluate.run(EvaluateConfig(checkpoint=str(ckpt)))
     with pytest.raises(checkpoint.CheckpointError, match="no such directory"):
         evaluate.run(EvaluateConfig(checkpoint=str(tmp_path / "nothing")))
@@ -116,13 +116,3 @@ def test_cli_data_programs(corpus, tokenizer, tmp_path):
     assert tok.returncode == 0, tok.stderr
     assert json.loads(tok.stdout)["domains"] == {"a": 2}
     assert cli("data", "nothing").returncode == 2
-
-
-def test_multi_process_training_is_refused_until_issue_4(manifest, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29518", "-m", "forgetless", "pretrain",
-                          f"run_dir={tmp_path / 'r'}", f"data={manifest.path}", *TINY,
-                          "stop.steps=2"], capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "runs on one process for now (world size 2)" in out.stderr
-    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -1,0 +1,88 @@
+"""Microbatches through megatron-core's pipeline schedules: one path for every TP x PP x DP
+layout, one process included.
+
+A step is a list of `Micro`s (this DP rank's rows); on the last pipeline stage each one's
+`loss` turns the model output into its contribution to the step's objective, so that the
+contributions sum to it (megatron divides each by the number of microbatches, `run` undoes
+that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from forgetless import parallel
+from forgetless.errors import UserError
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Micro:
+    tokens: torch.Tensor  # [rows, seq_len] packed sequences
+    loss: LossFn | None = None  # None: the raw output is returned (forward only)
+    labels: bool = True  # output per-token losses [rows, s-1]; else logits [rows, s-1, v/tp]
+
+
+def split(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Microbatches of `size` rows (the last pipeline stage's shapes must all agree)."""
+    if rows.size(0) % size:
+        raise UserError(f"{rows.size(0)} rows per data-parallel rank do not split into "
+                        f"microbatches of {size} rows (see parallel.microbatches)")
+    return list(rows.split(size))
+
+
+def forward(model: torch.nn.Module, micro: Micro) -> torch.Tensor:
+    inputs = micro.tokens[:, :-1]
+    positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
+    labels = micro.tokens[:, 1:] if micro.labels else None
+    return model(inputs, positions, attention_mask=None, labels=labels)
+
+
+def run(model: torch.nn.Module, micros: list[Micro], forward_only: bool) -> list:
+    """Forward (and backward) every microbatch; on the last stage one entry per microbatch:
+    {"loss": contribution, **extras} or, without a loss, the raw output. Elsewhere []."""
+    n = len(micros)
+    rows = {m.tokens.size(0) for m in micros}
+    if parallel.pp_size() > 1 and len(rows) > 1:
+        raise UserError(f"pipeline parallelism needs microbatches of one size; this step has "
+                        f"{sorted(rows)} rows (make replay.batch_size a multiple of the "
+                        f"microbatch size)")
+
+    def step(data: object, chunk: torch.nn.Module):
+        micro = next(data)
+        output = forward(chunk, micro)
+        if micro.loss is None:
+            return output, None
+
+        def loss_func(out: torch.Tensor):
+            value, extras = micro.loss(out)
+            return value * n, {"loss": value.detach(), **extras}
+
+        return output, loss_func
+
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micros), model=[model], num_microbatches=n,
+        seq_length=micros[0].tokens.size(1) - 1, micro_batch_size=max(rows),
+        forward_only=forward_only)
+
+
+def totals(results: list[dict]) -> dict[str, float] | None:
+    """Sum of the per-microbatch records on the last stage (None elsewhere)."""
+    if not parallel.is_last_stage():
+        return None
+    out: dict[str, float] = {}
+    for record in results:
+        for key, value in record.items():
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def reduce(results: list[dict]) -> dict[str, float]:
+    """The step's objective and extras, averaged over DP ranks, known to every rank."""
+    return {k: v / parallel.dp_size()
+            for k, v in parallel.from_last_stage(totals(results)).items()}
