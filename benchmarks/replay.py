@@ -20,10 +20,9 @@ from forgetless.config import FinetuneConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import load_manifest
-from forgetless.optim import build_optimizer
-from forgetless.recipes.finetune import FinetuneBatches, make_loss
+from forgetless.recipes.finetune import FinetuneBatches, make_plan
 from forgetless.sampler import generate
-from forgetless.train import Run, train_step
+from forgetless.train import Run, train_step, trainable
 
 
 def _finetune_run(cfg: FinetuneConfig, down, replay_manifest) -> Run:
@@ -34,11 +33,11 @@ def _finetune_run(cfg: FinetuneConfig, down, replay_manifest) -> Run:
     replay = (Loader(StreamSpec(replay_manifest, "train", cfg.replay.batch_size))
               if cfg.method != "none" else None)
     data = FinetuneBatches(Loader(StreamSpec(down, "train", cfg.opt.batch_size)), replay)
-    run = Run(run_dir=None, model=student, optimizer=build_optimizer(student.parameters(),
-                                                                     cfg.opt),
-              data=data, loss_fn=make_loss(cfg, student, teacher), eval_fn=dict, opt=cfg.opt,
+    student, optimizer = trainable(student, cfg.opt, cfg.parallel)
+    run = Run(run_dir=None, model=student, optimizer=optimizer, data=data,
+              plan=make_plan(cfg, teacher, cfg.opt.batch_size), eval_fn=dict, opt=cfg.opt,
               stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt, tokens_per_step=0, total_steps=None,
-              checkpoint_state=dict)
+              checkpoint_state=dict, preempt=cfg.preempt)
     for _ in range(3):
         train_step(run, next(data))
     return run

@@ -2,6 +2,9 @@
 (data loading, forward, backward, optimizer) at the reference config.
 
     python benchmarks/throughput.py [--steps 30] [--profile] [key=value ...]
+    torchrun --nproc_per_node 2 benchmarks/throughput.py parallel.tp=2 threads=1
+
+Under torchrun each rank measures its own share; tokens/s counts the global batch.
 
 MFU is against --peak-tflops, or, by default, the measured float32 matmul rate of this machine.
 """
@@ -17,9 +20,9 @@ from forgetless import config, parallel
 from forgetless.config import PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
-from forgetless.model import build_model, flops_per_token, token_losses
-from forgetless.optim import build_optimizer
-from forgetless.train import Run, train_step
+from forgetless.model import build_model, flops_per_token, init_weights
+from forgetless.recipes.pretrain import make_plan
+from forgetless.train import Run, train_step, trainable
 
 REFERENCE = ["model.hidden=128", "model.layers=4", "model.head_dim=32", "model.seq_len=128",
              "model.vocab=4096", "opt.batch_size=32", "data=stdlib-prose"]
@@ -43,18 +46,21 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = config.load(PretrainConfig, None, REFERENCE + args.overrides)
-    parallel.init(cfg.seed)
+    parallel.init(cfg.seed, cfg.threads, cfg.parallel.tp, cfg.parallel.pp)
     _, manifest = catalog.resolve(cfg.data, cfg.cache_dir, cfg.model.seq_len, cfg.model.vocab,
                                   cfg.data_opts)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model.parameters(), cfg.opt)
-    loader = Loader(StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed),
+    init_weights(model, cfg.model, cfg.seed)
+    model, optimizer = trainable(model, cfg.opt, cfg.parallel)
+    loader = Loader(StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed,
+                               rank=parallel.dp_rank(), world=parallel.dp_size()),
                     cfg.data_opts.workers)
+    rows = cfg.opt.batch_size // parallel.dp_size()
     run = Run(run_dir=None, model=model, optimizer=optimizer, data=loader,
-              loss_fn=lambda batch: (token_losses(model, batch).mean(), {}),
+              plan=make_plan(rows // cfg.parallel.microbatches),
               eval_fn=dict, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
               tokens_per_step=cfg.opt.batch_size * cfg.model.seq_len, total_steps=None,
-              checkpoint_state=dict)
+              checkpoint_state=dict, preempt=cfg.preempt)
     for _ in range(args.warmup):
         train_step(run, next(loader))
     start = time.perf_counter()
@@ -62,13 +68,15 @@ def main() -> None:
         train_step(run, next(loader))
     seconds = time.perf_counter() - start
     tokens_per_s = args.steps * run.tokens_per_step / seconds
-    peak = args.peak_tflops or matmul_peak_tflops()
-    mfu = tokens_per_s * flops_per_token(cfg.model) / (peak * 1e12)
+    peak = (args.peak_tflops or matmul_peak_tflops()) * parallel.world_size()  # all ranks
     achieved = tokens_per_s * flops_per_token(cfg.model) / 1e12
-    print(f"threads {torch.get_num_threads()}  step {seconds / args.steps * 1e3:.0f} ms  "
+    if not parallel.is_main():
+        return
+    print(f"world {parallel.world_size()} tp {parallel.tp_size()} pp {parallel.pp_size()}  "
+          f"threads/rank {torch.get_num_threads()}  step {seconds / args.steps * 1e3:.0f} ms  "
           f"tokens/s {tokens_per_s:,.0f}  model {achieved:.3f} TFLOP/s  "
-          f"peak {peak:.3f} TFLOP/s  MFU {mfu:.1%}")
-    if args.profile:
+          f"peak {peak:.3f} TFLOP/s  MFU {achieved / peak:.1%}")
+    if args.profile and parallel.world_size() == 1:
         with torch.profiler.profile() as prof:
             for _ in range(5):
                 train_step(run, next(loader))

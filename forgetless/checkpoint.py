@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ from forgetless.errors import UserError
 from forgetless.model import build_model
 
 PREFIX = "step_"
+
+# megatron-core 0.16 calls torch APIs that warn of their own deprecation on every load
+warnings.filterwarnings("ignore", ".*load_state_dict. is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
 
 
 class CheckpointError(UserError):
@@ -168,7 +173,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     if state.get("lora"):
         lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
     load(path, model)
-    return model.state_dict()
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
-from torch.overrides import TorchFunctionMode
 from megatron.core.transformer.module import MegatronModule
+from torch.overrides import TorchFunctionMode
 
 
 class SDPACoreAttention(MegatronModule):

@@ -45,7 +45,8 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor],
         if teacher is not None:
             target = schedule.run(teacher, [Micro(batch, labels=False)], forward_only=True)
 
-        def stats(student: torch.Tensor, target=target) -> tuple[torch.Tensor, dict]:
+        def stats(student: torch.Tensor, batch=batch, target=target
+                  ) -> tuple[torch.Tensor, dict]:
             per_token = {}
             if target is not None:  # before ntp, which consumes the logits
                 per_token["kl"] = losses.kl(student, target[0])

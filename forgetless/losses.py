@@ -20,9 +20,13 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def ntp(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token loss [b, s-1]. Megatron's kernel overwrites float32 logits in
-    place: compute any other loss on the same logits first."""
-    return vocab_parallel_cross_entropy(student_logits.float(), tokens[:, 1:])
+    """Per-token next-token loss [b, s-1]. Under TP megatron's kernel overwrites float32
+    logits in place: compute any other loss on the same logits first."""
+    labels = tokens[:, 1:]
+    if parallel.tp_size() > 1:
+        return vocab_parallel_cross_entropy(student_logits.float(), labels)
+    return F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(),
+                           reduction="none").view_as(labels)
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:

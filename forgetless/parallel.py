@@ -82,6 +82,9 @@ def tp_rank() -> int:
 
 
 def tp_size() -> int:
+    """1 also before init: the losses work on plain tensors too."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
     return parallel_state.get_tensor_model_parallel_world_size()
 
 

@@ -1,8 +1,9 @@
 """`forgetless generate`: self-generated replay from a checkpoint into WebDataset shards.
 
 Shard k holds sample ids [first_id + k * shard_samples, ...); data-parallel ranks take every
-world-th shard (tensor-parallel peers sample together; the first writes). A finished shard is never rewritten, so an interrupted run resumes where it
-stopped, and since a sample's tokens depend only on (seed, id) the result is the same.
+world-th shard (tensor-parallel peers sample together; the first writes). A finished shard
+is never rewritten, so an interrupted run resumes where it stopped, and since a sample's
+tokens depend only on (seed, id) the result is the same.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,17 @@ from forgetless.evaluation import eval_set, evaluate
 from forgetless.model import build_model, count_params, flops_per_token, init_weights
 from forgetless.schedule import Micro, split
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
+
+
+def make_plan(size: int) -> Callable[[torch.Tensor], list[Micro]]:
+    """This rank's rows in microbatches of `size`, each a share of the mean next-token loss."""
+
+    def plan(batch: torch.Tensor) -> list[Micro]:
+        chunks = split(batch, size)
+        n = len(chunks)
+        return [Micro(chunk, lambda out: (out.mean() / n, {})) for chunk in chunks]
+
+    return plan
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -54,12 +66,7 @@ def run(cfg: PretrainConfig) -> dict:
     if rows % cfg.parallel.microbatches:
         raise ConfigError(f"parallel.microbatches: {cfg.parallel.microbatches} does not divide "
                           f"the {rows} rows each data-parallel rank takes of opt.batch_size")
-    size = rows // cfg.parallel.microbatches
-
-    def plan(batch: torch.Tensor) -> list[Micro]:
-        chunks = split(batch, size)
-        return [Micro(chunk, lambda out, n=len(chunks): (out.mean() / n, {}))
-                for chunk in chunks]
+    plan = make_plan(rows // cfg.parallel.microbatches)
 
     valid = eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
 

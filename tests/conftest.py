@@ -3,9 +3,12 @@ import json
 
 import pytest
 
+from forgetless import config
+from forgetless.config import PretrainConfig
 from forgetless.data import shards
 from forgetless.data import tokenizer as tok
-from forgetless.data.sources import stdlib_prose
+from forgetless.data.sources import stdlib_code, stdlib_prose
+from forgetless.recipes import pretrain
 
 SEQ_LEN = 32
 VOCAB = 512
@@ -38,3 +41,28 @@ def megatron_world():
 
     parallel.init(0)
     yield
+
+
+MODEL = ["model.hidden=32", "model.layers=2", "model.head_dim=16", "model.seq_len=32",
+         "model.vocab=512"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Tokenizer, prev/down shards and a pretrained base, shared by the tests below."""
+    root = tmp_path_factory.mktemp("world")
+    for name, docs in (("prev", stdlib_prose()), ("down", stdlib_code())):
+        texts = [t[:3000] for _, t in itertools.islice(docs, 400)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                    for t in texts))
+    tokenizer = tok.train([str(root / "prev.jsonl"), str(root / "down.jsonl")], root / "tok",
+                          512, domains=["prev", "down"])
+    manifests = {name: shards.prepare(str(root / f"{name}.jsonl"), root / name, tokenizer, 32,
+                                      name, valid_fraction=0.1)
+                 for name in ("prev", "down")}
+    base = config.load(PretrainConfig, None, [
+        f"run_dir={root / 'base'}", f"data={manifests['prev'].path}", *MODEL,
+        "opt.batch_size=8", "opt.warmup_steps=2", "stop.steps=40", "eval.interval=40",
+        "eval.max_sequences=32"])
+    pretrain.run(base)
+    return {"root": root, "tokenizer": tokenizer, **manifests, "base": root / "base"}

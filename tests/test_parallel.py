@@ -2,6 +2,8 @@
 checkpoints reshard across layouts, kill -9 and preemption resume exactly."""
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +13,8 @@ import psutil
 import pytest
 
 from forgetless import checkpoint, config, metrics
-from forgetless.config import PretrainConfig
-from forgetless.recipes import pretrain
+from forgetless.config import FinetuneConfig, PretrainConfig
+from forgetless.recipes import finetune, pretrain
 
 from .test_pretrain import TINY
 
@@ -61,11 +63,115 @@ LAYOUTS = {
 }
 
 
+_runs: dict = {}
+
+
+def _trained(name, manifest, tmp_path_factory):
+    """The run directory of STEPS steps under a layout (made once per module)."""
+    if name not in _runs:
+        nproc, layout = LAYOUTS[name]
+        run_dir = tmp_path_factory.mktemp(name)
+        _torchrun(nproc, "pretrain", _args(manifest, run_dir, f"stop.steps={STEPS}", *layout))
+        _runs[name] = run_dir
+    return _runs[name]
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_trains_like_one_process(name, reference, manifest, tmp_path):
-    nproc, layout = LAYOUTS[name]
-    _torchrun(nproc, "pretrain", _args(manifest, tmp_path, f"stop.steps={STEPS}", *layout))
-    losses = _losses(tmp_path)
+def test_layout_trains_like_one_process(name, reference, manifest, tmp_path_factory):
+    losses = _losses(_trained(name, manifest, tmp_path_factory))
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in losses.items():
         assert loss == pytest.approx(reference[step], abs=1e-5), (name, step)
+
+
+@pytest.mark.parametrize("saved, resumed", [("tp2", "pp2"), ("pp2", "tp2")])
+def test_checkpoint_reshards_across_layouts(saved, resumed, reference, manifest,
+                                            tmp_path_factory, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(_trained(saved, manifest, tmp_path_factory), run_dir)
+    nproc, layout = LAYOUTS[resumed]
+    out = _torchrun(nproc, "pretrain", _args(manifest, run_dir, f"stop.steps={STEPS + 1}",
+                                             *layout))
+    assert f"step_{STEPS:08d} (step {STEPS})" in out.stdout
+    assert _losses(run_dir)[STEPS + 1] == pytest.approx(reference[STEPS + 1], abs=1e-5)
+
+
+def _wait_for(condition, process, what, timeout=240):
+    start = time.monotonic()
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {process.stdout.read()}"
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_auto_continues_exactly(manifest, tmp_path):
+    args = _args(manifest, tmp_path, "stop.steps=30", "ckpt.interval=4", "ckpt.keep=10")
+    job = _torchrun(2, "pretrain", args, wait=False)
+    _wait_for(lambda: checkpoint.latest(tmp_path) is not None, job, "a checkpoint")
+    _kill_tree(job, signal.SIGKILL)
+    job.wait()
+    before = _losses(tmp_path)
+    saved = checkpoint.latest(tmp_path)
+    assert max(before) < 30, "the run finished before the kill"
+    partial = tmp_path / "checkpoints" / ".step_00000099.tmp"  # as a killed save leaves it
+    (partial / "model").mkdir(parents=True, exist_ok=True)
+    out = _torchrun(2, "pretrain", [*args, "resume=auto"])
+    assert f"resuming from {saved}" in out.stdout
+    after = _losses(tmp_path)
+    assert sorted(after) == list(range(1, 31))
+    for step, loss in before.items():  # the steps the killed run had done again, identical
+        assert after[step] == pytest.approx(loss, abs=1e-6), step
+    single = tmp_path / "single"
+    pretrain.run(config.load(PretrainConfig, None, _args(manifest, single, "stop.steps=30")))
+    for step, loss in _losses(single).items():
+        assert after[step] == pytest.approx(loss, abs=1e-5), step
+
+
+def _kill_tree(job, sig):
+    """torchrun and its workers (the way a scheduler kills a job)."""
+    for proc in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+        proc.send_signal(sig)
+
+
+def _worker(job, rank):
+    for proc in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if proc.environ().get("RANK") == str(rank):
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_sigterm_saves_one_agreed_checkpoint_and_exits_75(manifest, tmp_path):
+    args = _args(manifest, tmp_path, "stop.steps=400")
+    job = _torchrun(2, "pretrain", args, wait=False)
+    _wait_for(lambda: len(_losses(tmp_path)) >= 2 if (tmp_path / "metrics.jsonl").exists()
+              else False, job, "two steps")
+    _worker(job, 1).send_signal(signal.SIGTERM)  # one rank only: the others must agree
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode != 0
+    assert re.search(r"exitcode\s*: 75", output), output[-3000:]
+    assert "preempted: checkpoint" in output
+    dirs = checkpoint.checkpoint_dirs(tmp_path)
+    assert len(dirs) == 1
+    step = checkpoint.read_state(dirs[0])["step"]
+    assert 2 <= step < 400 and max(_losses(tmp_path)) == step
+    _torchrun(2, "pretrain", _args(manifest, tmp_path, f"stop.steps={step + 2}"))
+    assert max(_losses(tmp_path)) == step + 2
+
+
+def test_kl_pre_finetune_with_tp2_matches_one_process(world, megatron_world, tmp_path):
+    args = [f"checkpoint={world['base']}", f"data={world['down'].path}", "method=kl_pre",
+            "replay.source=real", "opt.batch_size=8", "replay.batch_size=4", "stop.tokens=null",
+            f"stop.steps={STEPS}", "eval.interval=100", "eval.log_interval=1",
+            "eval.max_sequences=16", "threads=1"]
+    finetune.run(config.load(FinetuneConfig, None, [f"run_dir={tmp_path / 'one'}", *args]))
+    _torchrun(2, "finetune", [f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2", *args])
+    one, tp2 = (metrics.read(tmp_path / name / "metrics.jsonl") for name in ("one", "tp2"))
+    assert tp2[0]["prev_kl"] == 0.0 and tp2[0]["prev_ntp"] == pytest.approx(one[0]["prev_ntp"])
+    assert [r["step"] for r in tp2] == list(range(STEPS + 1))
+    for a, b in zip(one[1:], tp2[1:], strict=True):
+        for key in ("train_loss", "down_loss", "reg_loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    assert tp2[-1]["reg_loss"] > 0  # the student moved away from the teacher
