@@ -24,6 +24,11 @@ PROGRAMS = {
 }
 
 
+# programs with their own flags: launch local|slurm|node, sweep, study
+TOOLS = {"launch": "launch.cli:launch", "sweep": "launch.cli:run_sweep",
+         "study": "recipes.study:main"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forgetless",
@@ -32,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         + ". Settings are key=value (e.g. "
         "model.hidden=128); a first argument ending in .yaml, or a recipe name, sets defaults.",
     )
-    parser.add_argument("program", choices=sorted({p.split()[0] for p in PROGRAMS}))
+    parser.add_argument("program", choices=sorted({p.split()[0] for p in PROGRAMS} | set(TOOLS)))
     parser.add_argument("args", nargs="*", help="[recipe] key=value ...")
     return parser
 
@@ -54,8 +59,15 @@ def _settings(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv[:1])
-    rest = _settings(argv[1:])
     program = args.program
+    if program in TOOLS:
+        module, function = TOOLS[program].split(":")
+        try:
+            return getattr(importlib.import_module(f"forgetless.{module}"), function)(argv[1:])
+        except UserError as e:
+            print(f"forgetless {program}: error: {e}", file=sys.stderr)
+            return 2
+    rest = _settings(argv[1:])
     if program == "data":
         program = f"data {rest.pop(0) if rest else ''}"
         if program not in PROGRAMS:
