@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+import torch.distributed as dist
+
 from forgetless import config
 from forgetless.errors import Preempted, UserError
 
@@ -85,5 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"forgetless {program}: {e}; exit code {e.exit_code}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     print(json.dumps(result, indent=2))
     return 0

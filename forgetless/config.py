@@ -265,11 +265,21 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the largest; 0: off
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
         _check(self.top_k >= 0, "sampling.top_k", "must be >= 0")
         _check(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+        _check(0 <= self.min_p < 1, "sampling.min_p", "must be in [0, 1)")
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # auto: triton on CUDA, torch on CPU; torch; triton
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, "kernels.backend", ("auto", "torch", "triton"))
 
 
 @dataclass
@@ -284,6 +294,7 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     threads: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def __post_init__(self) -> None:
         _check(self.parallel.pp == 1, "parallel.pp", "generation runs with pp=1 (use tp and DP)")
@@ -345,6 +356,7 @@ class FinetuneConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def __post_init__(self) -> None:
         _one_of(self.method, "method", METHODS)
@@ -432,8 +444,10 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def load_dict(schema: type[T], values: dict) -> T:
+def load_dict(schema: type[T], values: dict, overrides: list[str] = ()) -> T:
+    """Schema defaults <- a dict of values <- key=value overrides, validated."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values,
+                                                   OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from e

@@ -53,7 +53,7 @@ def build_model(cfg: ModelConfig) -> GPTModel:
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     if cpu_shims.on_cpu():
         spec.submodules.self_attention.submodules.core_attention = cpu_shims.SDPACoreAttention
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config(cfg),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -64,6 +64,8 @@ def build_model(cfg: ModelConfig) -> GPTModel:
         position_embedding_type="rope",
         rotary_base=cfg.rope_base,
     )
+    # megatron creates the linears on the GPU but leaves the norms on the CPU
+    return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
 
 
 def sharded_tensors(sharded_state_dict: dict) -> list[ShardedTensor]:

@@ -48,5 +48,7 @@ def uniforms(seed: int, rows: torch.Tensor, position: torch.Tensor, n: int) -> t
 
 
 def uniform(bits: torch.Tensor) -> torch.Tensor:
-    """uint32 -> float32 in the open interval (0, 1), from the top 24 bits."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    """uint32 -> float32 in the open interval (0, 1), from the top 23 bits: (k + 0.5) / 2^23
+    is exact in float32 (with 24 bits the largest value would round up to 1.0, an infinite
+    Gumbel draw)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))

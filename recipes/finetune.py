@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, lora, losses, parallel, schedule
+from forgetless import checkpoint, config, kernels, lora, losses, parallel, schedule
 from forgetless.config import FinetuneConfig, SamplingConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
 from forgetless.evaluation import eval_set, evaluate
+from forgetless.kernels.losses import kl_ce
 from forgetless.model import flops_per_token
 from forgetless.sampler import generate
 from forgetless.schedule import Micro, split
@@ -36,10 +37,10 @@ class OnTheFlyReplay:
 
     def __init__(self, teacher: torch.nn.Module, first_token: int, seq_len: int,
                  batch_size: int, buffer_batches: int, seed: int, sampling: SamplingConfig,
-                 state: dict | None = None):
+                 state: dict | None = None, backend: str = "torch"):
         self.teacher, self.first_token, self.seq_len = teacher, first_token, seq_len
         self.batch_size, self.buffer_size = batch_size, batch_size * buffer_batches
-        self.seed, self.sampling = seed, config.to_dict(sampling)
+        self.seed, self.sampling, self.backend = seed, config.to_dict(sampling), backend
         self.next_id = state["next_id"] if state else 0
         self.buffer_start, self.buffer = -1, torch.empty(0)
 
@@ -48,7 +49,7 @@ class OnTheFlyReplay:
         if start != self.buffer_start:
             ids = torch.arange(start, start + self.buffer_size)
             self.buffer = generate(self.teacher, self.first_token, ids, self.seq_len, self.seed,
-                                   **self.sampling)
+                                   **self.sampling, backend=self.backend)
             self.buffer_start = start
         offset = self.next_id - start
         self.next_id += self.batch_size
@@ -109,6 +110,7 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
     does (same microbatches), so at step 0 both logits agree bit for bit and the KL gradient
     is zero."""
     method, lam = cfg.method, cfg.lam
+    fused = kernels.backend(cfg.kernels.backend) == "triton"  # kernels/losses.py
 
     def plan(batch: dict) -> list[Micro]:
         down, replay = batch["down"], batch["replay"]
@@ -118,8 +120,8 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
         n = len(chunks)
         if method == "kl_dwn":
             targets = teacher_logits(teacher, chunks)
-            return [Micro(c, partial(_ntp_and_kl, tokens=c, target=t, lam=lam, n=n),
-                          labels=False)
+            return [Micro(c, partial(_ntp_and_kl, tokens=c, target=t, lam=lam, n=n,
+                                     fused=fused), labels=False)
                     for c, t in zip_longest(chunks, targets) if c is not None]
         named = replay is not None
         micros = [Micro(c, partial(_mean, weight=1.0, n=n, name="down_loss" if named else None))
@@ -132,7 +134,8 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
             return micros + [Micro(c, partial(_mean, weight=lam, n=m, name="reg_loss"))
                              for c in replay_chunks]
         targets = teacher_logits(teacher, replay_chunks)
-        return micros + [Micro(c, partial(_kl, target=t, lam=lam, n=m), labels=False)
+        return micros + [Micro(c, partial(_kl, target=t, tokens=c, lam=lam, n=m, fused=fused),
+                               labels=False)
                          for c, t in zip_longest(replay_chunks, targets) if c is not None]
 
     return plan
@@ -144,15 +147,26 @@ def _mean(per_token: torch.Tensor, weight: float, n: int, name: str | None):
     return weight * value, ({name: value.detach()} if name else {})
 
 
-def _kl(student: torch.Tensor, target: torch.Tensor, lam: float, n: int):
-    value = losses.kl(student, target).mean() / n
+def _tp_group():
+    return parallel.tp_group() if parallel.tp_size() > 1 else None
+
+
+def _kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, lam: float,
+        n: int, fused: bool):
+    kl = (kl_ce(student, target, tokens[:, 1:], group=_tp_group())[0] if fused
+          else losses.kl(student, target))
+    value = kl.mean() / n
     return lam * value, {"reg_loss": value.detach()}
 
 
-def _ntp_and_kl(student: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor,
-                lam: float, n: int):
-    reg = losses.kl(student, target).mean() / n  # first: ntp consumes the logits
-    down = losses.ntp(student, tokens).mean() / n
+def _ntp_and_kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor,
+                lam: float, n: int, fused: bool):
+    if fused:  # one pass gives both
+        kl, ce = kl_ce(student, target, tokens[:, 1:], group=_tp_group())
+    else:  # the KL first: ntp consumes the logits
+        kl = losses.kl(student, target)
+        ce = losses.ntp(student, tokens)
+    reg, down = kl.mean() / n, ce.mean() / n
     return down + lam * reg, {"down_loss": down.detach(), "reg_loss": reg.detach()}
 
 
@@ -209,7 +223,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if n_replay and cfg.replay.source == "onthefly":
         replay = OnTheFlyReplay(teacher, prev.domain_token, model_cfg.seq_len, n_replay,
                                 cfg.replay.buffer_batches, cfg.replay.seed,
-                                cfg.replay.sampling, state["data"]["replay"])
+                                cfg.replay.sampling, state["data"]["replay"],
+                                cfg.kernels.backend)
     elif n_replay:
         source = load_manifest(cfg.replay.data) if cfg.replay.source == "self" else prev
         _check_matches(source, base, "replay.data")

@@ -26,10 +26,13 @@ def _stage(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _finetune(cfg: QuickstartConfig, spec: str, out: Path) -> dict:
+def finetune_stage(cfg: QuickstartConfig, spec: str, out: Path, name: str = "",
+                   overrides: list[str] = ()) -> dict:
+    """One finetune (`method[:replay source]`, then key=value overrides) of out/pretrain, or
+    its stored result."""
     method, _, source = spec.partition(":")
     source = source or "none"
-    name = f"{method}-{source}" if source != "none" else method
+    name = name or (f"{method}-{source}" if source != "none" else method)
     run_dir = out / f"finetune-{name}"
     values = config.to_dict(cfg.finetune)
     values.update(run_dir=str(run_dir), checkpoint=str(out / "pretrain"), method=method)
@@ -39,13 +42,14 @@ def _finetune(cfg: QuickstartConfig, spec: str, out: Path) -> dict:
         return json.loads(result_path.read_text())
     _stage(f"finetune {name} on {cfg.finetune.data}")
     start = time.perf_counter()
-    final = finetune.run(config.load_dict(FinetuneConfig, values))
+    final = finetune.run(config.load_dict(FinetuneConfig, values, overrides))
     history = [r for r in metrics.read(run_dir / "metrics.jsonl") if "prev_ntp" in r]
     result = {
         "method": method, "replay": source, "valid_ntp": final["valid_ntp"],
         "prev_ntp": final["prev_ntp"], "prev_ntp_before": history[0]["prev_ntp"],
         "forgetting": final["prev_ntp"] - history[0]["prev_ntp"],
         "wall_s": round(time.perf_counter() - start, 1),
+        "steps": final["step"],
         "curve": [[r["valid_ntp"], r["prev_ntp"]] for r in history],
     }
     atomic_write_text(result_path, json.dumps(result, indent=2))
@@ -81,10 +85,8 @@ def plot(results: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def run(cfg: QuickstartConfig) -> dict:
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def pretrain_stage(cfg: QuickstartConfig, out: Path) -> None:
+    """out/pretrain and its self-generated replay out/replay (each reused when finished)."""
     _stage(f"pretrain on {cfg.pretrain.data}")
     pre = config.load_dict(config.PretrainConfig,
                            {**config.to_dict(cfg.pretrain), "run_dir": str(out / "pretrain")})
@@ -95,9 +97,17 @@ def run(cfg: QuickstartConfig) -> dict:
                                                    "checkpoint": str(out / "pretrain"),
                                                    "out": str(out / "replay")})
     generate.run(gen)
-    results = [_finetune(cfg, spec, out) for spec in cfg.runs]
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pretrain_stage(cfg, out)
+    results = [finetune_stage(cfg, spec, out) for spec in cfg.runs]
     atomic_write_text(out / "results.json", json.dumps(
-        [{k: v for k, v in r.items() if k != "curve"} for r in results], indent=2))
+        [{k: v for k, v in r.items() if k not in ("curve", "steps")} for r in results],
+        indent=2))
     plot(results, out / "forgetting.png")
     print("\n" + table(results))
     print(f"\nresults: {out / 'results.json'}  plot: {out / 'forgetting.png'}")

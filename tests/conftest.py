@@ -1,5 +1,13 @@
 import itertools
 import json
+import os
+
+import torch
+
+# Triton kernels run in Triton's interpreter where there is no GPU (set before any import of
+# them: @triton.jit reads it)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -1,6 +1,7 @@
 """Launching: sbatch scripts, sweeps and requeue on preemption, through a real one-node SLURM
 cluster (CI starts it with .ci/slurm-cluster)."""
 
+import csv
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ from forgetless.config import PretrainConfig
 from forgetless.launch import sweep
 from forgetless.recipes import pretrain
 
+from .conftest import MODEL
 from .test_pretrain import TINY
 
 
@@ -145,3 +147,24 @@ def _records(run_dir):
     if lines and not lines[-1].endswith("}"):  # being written
         lines = lines[:-1]
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_study_writes_table_and_figure(world, tmp_path):
+    out = tmp_path / "study"
+    tiny = [f"pretrain.data={world['prev'].path}", *[f"pretrain.{m}" for m in MODEL],
+            "pretrain.opt.batch_size=8", "pretrain.stop.tokens=null", "pretrain.stop.steps=6",
+            "pretrain.eval.interval=6", "pretrain.eval.max_sequences=16", "generate.samples=16",
+            f"finetune.data={world['down'].path}", "finetune.opt.batch_size=8",
+            "finetune.replay.batch_size=4", "finetune.stop.tokens=null", "finetune.stop.steps=2",
+            "finetune.eval.interval=2", "finetune.eval.max_sequences=16"]
+    result = _cli("study", "learning-rate", "--out", str(out), *tiny)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert len(rows) == 2 * 3 * 2  # pretraining LRs x finetuning LRs x (none, kl_pre)
+    assert {r["pretrain"] for r in rows} == {"plr=0.0005", "plr=0.002"}
+    assert {float(r["lr"]) for r in rows} == {3e-4, 1e-3, 3e-3}
+    assert all(float(r["forgetting"]) == pytest.approx(float(r["prev_ntp"])
+                                                       - float(r["prev_ntp_before"]))
+               for r in rows)
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| pretrain | finetune |" in (out / "table.md").read_text()

@@ -57,7 +57,7 @@ def test_generate_provenance_and_resume(world, megatron_world, tmp_path):
     assert prov["checkpoint"] == str(ckpt.resolve())
     assert prov["checkpoint_hash"] == checkpoint.content_hash(ckpt)
     assert prov["seed"] == 5 and prov["sample_ids"] == [10, 50]
-    assert prov["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert prov["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
     assert manifest["train"]["sequences"] == 40 and manifest["train"]["tokens"] == 40 * 32
     assert manifest["tokenizer"]["hash"] == world["tokenizer"].hash
     assert manifest["domain_token"] == world["tokenizer"].domain_id("prev")

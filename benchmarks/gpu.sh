@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU session: the kernel benchmark with its correctness checks, then a small end-to-end
+# run on CUDA (pretrain, generate and finetune with kernels.backend=triton and =torch, same
+# tokens and losses expected). Writes $OUT/benchmarks.md and $OUT/e2e.txt.
+#   bash benchmarks/gpu.sh OUT_DIR          (wheels for missing packages in .whl/, if any)
+set -uo pipefail
+out=${1:?output directory}
+mkdir -p "$out"
+repo=$(pwd)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+fi
+# the package layout that pyproject.toml maps (no install: the card's own torch stays)
+pkg=/tmp/pkg
+rm -rf "$pkg" && mkdir -p "$pkg/forgetless"
+cp -r forgetless/. "$pkg/forgetless/"
+for sub in data kernels recipes launch; do cp -r "$sub" "$pkg/forgetless/$sub"; done
+cp -r recipes "$pkg/recipes"
+export PYTHONPATH=/tmp/site:$pkg PYTHONUNBUFFERED=1 FORGETLESS_CACHE=/tmp/cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/gpu.txt"
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+    timeout 300 python3 benchmarks/kernels.py --out "$out/benchmarks.md" 2>&1 | tail -40
+fi
+cd /tmp  # the repository's own forgetless/ would shadow the mapped package
+
+run() { echo "\$ forgetless $*"; timeout 240 python3 -m forgetless "$@" 2>&1 | grep -v "it/s\]\|step/s\]\|tok/s\]" | tail -6; }
+[ -n "${SKIP_E2E:-}" ] && exit 0
+r=/tmp/e2e
+{
+    tiny="model.hidden=256 model.layers=4 model.head_dim=64 model.seq_len=256 model.vocab=4096"
+    run pretrain run_dir=$r/pre $tiny stop.tokens=null stop.steps=60 eval.interval=60 \
+        opt.batch_size=32 threads=8
+    for backend in triton torch; do
+        run generate checkpoint=$r/pre out=$r/replay-$backend samples=256 batch_size=128 \
+            kernels.backend=$backend
+        run finetune checkpoint=$r/pre run_dir=$r/ft-$backend method=kl_pre replay.source=self \
+            replay.data=$r/replay-$backend stop.tokens=null stop.steps=10 eval.interval=5 \
+            eval.log_interval=1 kernels.backend=$backend
+    done
+    python3 - <<'EOF'
+import json, numpy as np, pathlib
+from forgetless.data import shards
+r = pathlib.Path("/tmp/e2e")
+tok = {b: np.stack([s for p, n in shards.load_manifest(r / f"replay-{b}").shards("train")
+                    for s in shards.read_shard(p, n)]) for b in ("triton", "torch")}
+print("replay tokens equal (triton vs torch):", (tok["triton"] == tok["torch"]).mean())
+logs = {b: [json.loads(l) for l in open(r / f"ft-{b}/metrics.jsonl")] for b in tok}
+for a, b in zip(*logs.values()):
+    keys = [k for k in ("train_loss", "reg_loss", "prev_kl", "valid_ntp") if k in a]
+    print(a["step"], {k: (round(a[k], 6), round(b[k], 6)) for k in keys})
+EOF
+} 2>&1 | tee "$out/e2e.txt"
