@@ -266,3 +266,23 @@ def test_quickstart_pipeline_and_reuse(world, megatron_world, tmp_path, capsys):
     quickstart.run(cfg)
     assert {p: p.stat().st_mtime for p in out.rglob("state.json")} == mtimes
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_triton_backend_gives_the_torch_tokens_and_losses(world, megatron_world, tmp_path):
+    """kernels.backend=triton (Triton's interpreter on CPU) against the PyTorch paths."""
+    tokens = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / f"replay-{backend}"
+        generate.run(config.load(GenerateConfig, None, [
+            f"checkpoint={world['base']}", f"out={out}", "samples=6", "batch_size=3",
+            "sampling.top_k=40", f"kernels.backend={backend}"]))
+        tokens[backend] = _replay_tokens(out)
+        finetune.run(_finetune_cfg(world, tmp_path / f"ft-{backend}", "method=kl_dwn",
+                                   "stop.steps=3", "eval.interval=3", "eval.log_interval=1",
+                                   f"kernels.backend={backend}"))
+    assert np.array_equal(tokens["torch"], tokens["triton"])
+    torch_log, triton_log = (metrics.read(tmp_path / f"ft-{b}" / "metrics.jsonl")
+                             for b in ("torch", "triton"))
+    for a, b in zip(torch_log[1:], triton_log[1:], strict=True):
+        for key in ("train_loss", "down_loss", "reg_loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
