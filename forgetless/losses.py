@@ -12,13 +12,6 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from forgetless import parallel
 
 
-def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [b, s-1, vocab / tp] for packed sequences [b, s]."""
-    inputs = tokens[:, :-1]
-    positions = torch.arange(inputs.size(1), device=tokens.device).expand_as(inputs)
-    return model(inputs, positions, attention_mask=None)
-
-
 def ntp(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token next-token loss [b, s-1]. Under TP megatron's kernel overwrites float32
     logits in place: compute any other loss on the same logits first."""

@@ -77,6 +77,11 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("downstream loss (stdlib-code valid_ntp)")
     ax.set_ylabel("previous loss (stdlib-prose prev_ntp)")
     ax.set_title("Forgetting along finetuning")
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    """Legend, layout, and an atomic write of the PNG."""
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

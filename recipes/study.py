@@ -28,7 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from forgetless import checkpoint, config  # noqa: E402
 from forgetless.atomic import atomic_write_text  # noqa: E402
 from forgetless.config import QuickstartConfig  # noqa: E402
-from forgetless.recipes.quickstart import finetune_stage, plot, pretrain_stage  # noqa: E402
+from forgetless.recipes.quickstart import (  # noqa: E402
+    finetune_stage,
+    plot,
+    pretrain_stage,
+    save_figure,
+)
 
 Finetune = tuple[str, str, list[str]]  # name, method[:replay], finetune key=value overrides
 
@@ -146,12 +151,7 @@ def figure(study: Study, rows: list[dict], path: Path) -> None:
     ax.set_xlabel({"lr": "finetuning learning rate", "params": "parameters",
                    "steps": "finetuning steps (to the target downstream loss)"}[study.x])
     ax.set_ylabel("forgetting (rise of prev_ntp, nats)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, ax, path)
 
 
 def _cell(value: object) -> str:
