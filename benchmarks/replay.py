@@ -2,7 +2,7 @@
 sampling, batch 64) and finetuning downstream tokens/s for `none` vs `kl_pre` from replay
 shards (downstream batch 32, replay batch 16), timed in one process.
 
-    python benchmarks/replay.py CHECKPOINT REPLAY_MANIFEST [--steps 20]
+    python benchmarks/replay.py CHECKPOINT REPLAY_MANIFEST [--rounds 5] [key=value ...]
 
 CHECKPOINT is a pretrained reference-config run (e.g. runs/quickstart/pretrain) and
 REPLAY_MANIFEST the output of `forgetless generate` for it (e.g. runs/quickstart/replay).
@@ -20,6 +20,7 @@ from forgetless.config import FinetuneConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import load_manifest
+from forgetless.model import with_precision
 from forgetless.recipes.finetune import FinetuneBatches, make_plan
 from forgetless.sampler import generate
 from forgetless.train import Run, train_step, trainable
@@ -28,12 +29,13 @@ from forgetless.train import Run, train_step, trainable
 def _finetune_run(cfg: FinetuneConfig, down, replay_manifest) -> Run:
     ckpt = checkpoint.resolve(cfg.checkpoint)
     student, _ = checkpoint.load_model(ckpt)
-    teacher, _ = checkpoint.load_model(ckpt)
+    teacher = with_precision(checkpoint.load_model(ckpt)[0], cfg.opt.precision)
     teacher.requires_grad_(False)
     replay = (Loader(StreamSpec(replay_manifest, "train", cfg.replay.batch_size))
               if cfg.method != "none" else None)
     data = FinetuneBatches(Loader(StreamSpec(down, "train", cfg.opt.batch_size)), replay)
-    student, optimizer = trainable(student, cfg.opt, cfg.parallel)
+    student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
+                                   cfg.parallel)
     run = Run(run_dir=None, model=student, optimizer=optimizer, data=data,
               plan=make_plan(cfg, teacher, cfg.opt.batch_size), eval_fn=dict, opt=cfg.opt,
               stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt, tokens_per_step=0, total_steps=None,
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="finetuning steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="generation batch")
+    parser.add_argument("overrides", nargs="*", help="finetune key=value, e.g. opt.precision=bf16")
     args = parser.parse_args()
     parallel.init(0)
     ckpt = checkpoint.resolve(args.checkpoint)
@@ -79,7 +82,8 @@ def main() -> None:
     replay = load_manifest(args.replay)
     runs = {method: _finetune_run(config.load(FinetuneConfig, None, [
         f"checkpoint={args.checkpoint}", f"method={method}", "opt.batch_size=32",
-        "replay.batch_size=16", "replay.source=self", f"replay.data={args.replay}"]), down,
+        "replay.batch_size=16", "replay.source=self", f"replay.data={args.replay}",
+        *args.overrides]), down,
         replay) for method in ("none", "kl_pre")}
     # alternate the two in rounds so that load on the machine affects both alike
     times: dict[str, list[float]] = {method: [] for method in runs}

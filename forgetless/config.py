@@ -85,8 +85,10 @@ class OptConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 32
+    precision: str = "fp32"  # bf16: bf16 weights and math, fp32 master weights in the optimizer
 
     def __post_init__(self) -> None:
+        _one_of(self.precision, "opt.precision", ("fp32", "bf16"))
         _check(self.lr > 0, "opt.lr", "must be positive")
         _check(0 <= self.min_lr_ratio <= 1, "opt.min_lr_ratio", "must be in [0, 1]")
         _one_of(self.schedule, "opt.schedule", ("constant", "cosine"))

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from forgetless import cpu_shims
@@ -66,6 +67,15 @@ def build_model(cfg: ModelConfig) -> GPTModel:
     )
     # megatron creates the linears on the GPU but leaves the norms on the CPU
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
+
+
+def with_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """bf16: megatron's Float16Module (bf16 weights and math, fp32 inputs and outputs)."""
+    if precision == "fp32":
+        return model
+    model.config.bf16 = True
+    model.config.params_dtype = model.config.pipeline_dtype = torch.bfloat16
+    return Float16Module(model.config, model)
 
 
 def sharded_tensors(sharded_state_dict: dict) -> list[ShardedTensor]:

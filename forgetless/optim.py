@@ -22,7 +22,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptConfig,
     return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1,
         adam_beta2=cfg.beta2, adam_eps=cfg.eps, clip_grad=cfg.grad_clip or NO_CLIP,
-        use_distributed_optimizer=distributed, params_dtype=torch.float32), [model])
+        use_distributed_optimizer=distributed, bf16=cfg.precision == "bf16",
+        params_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32), [model])
 
 
 def lr_at(step: int, cfg: OptConfig, total_steps: int | None) -> float:

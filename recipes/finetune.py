@@ -23,7 +23,7 @@ from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
 from forgetless.evaluation import eval_set, evaluate
 from forgetless.kernels.losses import kl_ce
-from forgetless.model import flops_per_token
+from forgetless.model import flops_per_token, with_precision
 from forgetless.sampler import generate
 from forgetless.schedule import Micro, split
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
@@ -188,13 +188,14 @@ def run(cfg: FinetuneConfig) -> dict:
     for manifest, what in ((down, "data"), (prev, "prev_data")):
         _check_matches(manifest, base, what)
 
-    teacher, _ = checkpoint.load_model(base_path)
+    teacher = with_precision(checkpoint.load_model(base_path)[0], cfg.opt.precision)
     teacher.requires_grad_(False)
     teacher.eval()
     student, _ = checkpoint.load_model(base_path)
     if cfg.method == "lora":
         lora.apply(student, cfg.lora.rank, cfg.lora.alpha)
-    student, optimizer = trainable(student, cfg.opt, cfg.parallel)
+    student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
+                                   cfg.parallel)
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,13 @@ from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.evaluation import eval_set, evaluate
-from forgetless.model import build_model, count_params, flops_per_token, init_weights
+from forgetless.model import (
+    build_model,
+    count_params,
+    flops_per_token,
+    init_weights,
+    with_precision,
+)
 from forgetless.schedule import Micro, split
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
 
@@ -37,7 +43,7 @@ def run(cfg: PretrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model)
     init_weights(model, cfg.model, cfg.seed)
-    model, optimizer = trainable(model, cfg.opt, cfg.parallel)
+    model, optimizer = trainable(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel)
     tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len  # the batch is global
     n_params = count_params(cfg.model, exclude_embeddings=True)
     total_steps = step_budget(cfg.stop, tokens_per_step, n_params,

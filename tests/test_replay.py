@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from forgetless import checkpoint, config, metrics, schedule
-from forgetless.config import FinetuneConfig, GenerateConfig
+from forgetless.config import FinetuneConfig, GenerateConfig, PretrainConfig
 from forgetless.data import shards
-from forgetless.recipes import finetune, generate
+from forgetless.recipes import finetune, generate, pretrain
 from forgetless.sampler import generate as sample_sequences
 
 from .conftest import MODEL
@@ -286,3 +286,23 @@ def test_triton_backend_gives_the_torch_tokens_and_losses(world, megatron_world,
     for a, b in zip(torch_log[1:], triton_log[1:], strict=True):
         for key in ("train_loss", "down_loss", "reg_loss"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+
+
+def test_bf16_training_through_megatrons_mixed_precision(world, megatron_world, tmp_path):
+    base = tmp_path / "base"
+    pretrain.run(config.load(PretrainConfig, None, [
+        f"run_dir={base}", f"data={world['prev'].path}", *MODEL, "opt.batch_size=8",
+        "opt.warmup_steps=2", "stop.tokens=null", "stop.steps=12", "eval.interval=12",
+        "eval.log_interval=1", "eval.max_sequences=16", "opt.precision=bf16"]))
+    losses = [r["train_loss"] for r in metrics.read(base / "metrics.jsonl") if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    weights = checkpoint.weights(checkpoint.latest(base))  # loads into a float32 model
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    cfg = config.load(FinetuneConfig, None, [
+        f"run_dir={tmp_path / 'ft'}", f"checkpoint={base}", f"data={world['down'].path}",
+        "method=kl_pre", "replay.source=real", "opt.batch_size=8", "replay.batch_size=4",
+        "stop.tokens=null", "stop.steps=2", "eval.interval=2", "eval.max_sequences=16",
+        "opt.precision=bf16"])
+    finetune.run(cfg)
+    records = metrics.read(tmp_path / "ft" / "metrics.jsonl")
+    assert records[0]["prev_kl"] == 0.0 and records[-1]["step"] == 2
