@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="generation batch")
     parser.add_argument("overrides", nargs="*", help="finetune key=value, e.g. opt.precision=bf16")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     parallel.init(0)
     ckpt = checkpoint.resolve(args.checkpoint)
     model, state = checkpoint.load_model(ckpt)
