@@ -155,7 +155,9 @@ def figure(study: Study, rows: list[dict], path: Path) -> None:
 
 
 def _cell(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
 
 
 def write_tables(rows: list[dict], out: Path) -> str:
