@@ -166,28 +166,30 @@ def load(path: Path, model: torch.nn.Module, optimizer=None,
     return state
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights as saved (LoRA adapters beside their frozen base weights)."""
+def _restore(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The model a checkpoint records, built for the current layout (with its LoRA adapters,
+    if any), loaded; and its state."""
     state = read_state(path)
     model = build_model(load_dict(ModelConfig, state["model"]))
     if state.get("lora"):
         lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
     load(path, model)
+    return model, state
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as saved (LoRA adapters beside their frozen base weights)."""
+    model, _ = _restore(path)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """The model a checkpoint holds, built for the current layout from the architecture it
-    records (a LoRA finetune's adapters folded in), and its state."""
-    state = read_state(path)
-    model = build_model(load_dict(ModelConfig, state["model"]))
+    """The model a checkpoint holds, built for the current layout (a LoRA finetune's adapters
+    folded in), and its state."""
+    model, state = _restore(path)
     if state.get("lora"):
-        lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
-        load(path, model)
         lora.merge(model)
         model.requires_grad_(True)
-    else:
-        load(path, model)
     return model, state
 
 

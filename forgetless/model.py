@@ -124,11 +124,19 @@ def count_params(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
     return body if exclude_embeddings else body + 2 * cfg.vocab * h  # input + output embedding
 
 
+def next_token(model: torch.nn.Module, tokens: torch.Tensor, labels: bool = True
+               ) -> torch.Tensor:
+    """For packed sequences [b, s]: per-token next-token losses [b, s-1], or (labels=False)
+    the logits [b, s-1, vocab / tp]."""
+    inputs = tokens[:, :-1]
+    positions = torch.arange(inputs.size(1), device=tokens.device).expand_as(inputs)
+    return model(inputs, positions, attention_mask=None,
+                 labels=tokens[:, 1:] if labels else None)
+
+
 def token_losses(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token next-token losses [b, s-1] for packed sequences [b, s]."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    positions = torch.arange(inputs.size(1), device=tokens.device).expand_as(inputs)
-    return model(inputs, positions, attention_mask=None, labels=labels)
+    return next_token(model, tokens)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from forgetless import parallel
 from forgetless.errors import UserError
+from forgetless.model import next_token
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -37,10 +38,14 @@ def split(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def forward(model: torch.nn.Module, micro: Micro) -> torch.Tensor:
-    inputs = micro.tokens[:, :-1]
-    positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
-    labels = micro.tokens[:, 1:] if micro.labels else None
-    return model(inputs, positions, attention_mask=None, labels=labels)
+    return next_token(model, micro.tokens, micro.labels)
+
+
+def mean_share(per_token: torch.Tensor, weight: float, n: int, name: str | None = None):
+    """weight x the mean next-token loss as one of n equal microbatches' share (and, named,
+    the unweighted share as an extra)."""
+    value = per_token.mean() / n
+    return weight * value, ({name: value.detach()} if name else {})
 
 
 def run(model: torch.nn.Module, micros: list[Micro], forward_only: bool) -> list:

@@ -84,12 +84,12 @@ def run_sweep(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     spec = sweep.load(args.file)
     runs = sweep.elements(spec)
-    todo = [r for r in runs if r.status() != "finished"]
+    status = {r.name: r.status() for r in runs}
+    todo = [r for r in runs if status[r.name] != "finished"]
     if args.status or not todo:
         for r in runs:
-            print(f"{r.name:<40} {r.status():<20} {r.run_dir}")
-        failed = [r for r in runs if r.status().startswith("failed")]
-        return 1 if failed else 0
+            print(f"{r.name:<40} {status[r.name]:<20} {r.run_dir}")
+        return 1 if any(s.startswith("failed") for s in status.values()) else 0
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
           f"{len(todo)} to run")
     if args.slurm:
@@ -103,7 +103,8 @@ def run_sweep(argv: list[str]) -> int:
         print(f"== {r.name}", flush=True)
         code = subprocess.run(command).returncode
         (r.run_dir / "launch-exit-code").write_text(f"{code}\n")
-    failed = [r for r in runs if r.status().startswith("failed")]
+    status = {r.name: r.status() for r in runs}  # after running
+    failed = [r for r in runs if status[r.name].startswith("failed")]
     for r in failed:
-        print(f"failed: {r.name} ({r.status()}); see {r.run_dir}", file=sys.stderr)
+        print(f"failed: {r.name} ({status[r.name]}); see {r.run_dir}", file=sys.stderr)
     return 1 if failed else 0

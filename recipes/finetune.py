@@ -25,7 +25,7 @@ from forgetless.evaluation import eval_set, evaluate
 from forgetless.kernels.losses import kl_ce
 from forgetless.model import flops_per_token, with_precision
 from forgetless.sampler import generate
-from forgetless.schedule import Micro, split
+from forgetless.schedule import Micro, mean_share, split
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
 
 
@@ -123,15 +123,14 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
             return [Micro(c, partial(_ntp_and_kl, tokens=c, target=t, lam=lam, n=n,
                                      fused=fused), labels=False)
                     for c, t in zip_longest(chunks, targets) if c is not None]
-        named = replay is not None
-        micros = [Micro(c, partial(_mean, weight=1.0, n=n, name="down_loss" if named else None))
-                  for c in chunks]
+        name = "down_loss" if replay is not None else None
+        micros = [Micro(c, partial(mean_share, weight=1.0, n=n, name=name)) for c in chunks]
         if replay is None:
             return micros
         replay_chunks = split(replay, size if parallel.pp_size() > 1 else replay.size(0))
         m = len(replay_chunks)
         if method == "ntp_pre":
-            return micros + [Micro(c, partial(_mean, weight=lam, n=m, name="reg_loss"))
+            return micros + [Micro(c, partial(mean_share, weight=lam, n=m, name="reg_loss"))
                              for c in replay_chunks]
         targets = teacher_logits(teacher, replay_chunks)
         return micros + [Micro(c, partial(_kl, target=t, tokens=c, lam=lam, n=m, fused=fused),
@@ -139,12 +138,6 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
                          for c, t in zip_longest(replay_chunks, targets) if c is not None]
 
     return plan
-
-
-def _mean(per_token: torch.Tensor, weight: float, n: int, name: str | None):
-    """weight x the mean next-token loss, as one of n microbatches' share."""
-    value = per_token.mean() / n
-    return weight * value, ({name: value.detach()} if name else {})
 
 
 def _tp_group():

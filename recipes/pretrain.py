@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from forgetless.model import (
     init_weights,
     with_precision,
 )
-from forgetless.schedule import Micro, split
+from forgetless.schedule import Micro, mean_share, split
 from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
 
 
@@ -29,7 +30,7 @@ def make_plan(size: int) -> Callable[[torch.Tensor], list[Micro]]:
     def plan(batch: torch.Tensor) -> list[Micro]:
         chunks = split(batch, size)
         n = len(chunks)
-        return [Micro(chunk, lambda out: (out.mean() / n, {})) for chunk in chunks]
+        return [Micro(chunk, partial(mean_share, weight=1.0, n=n)) for chunk in chunks]
 
     return plan
 
