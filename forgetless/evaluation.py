@@ -24,12 +24,13 @@ def eval_set(manifest: Manifest, batch_size: int, max_sequences: int,
 
 
 def _sums(per_token: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    half = per_token["ntp"].size(1) // 2
+    """Sums of per-token values [positions, rows] over all and over the second half."""
+    half = per_token["ntp"].size(0) // 2
     out = {"count": torch.tensor(float(per_token["ntp"].numel())),
-           "count_2nd": torch.tensor(float(per_token["ntp"][:, half:].numel()))}
+           "count_2nd": torch.tensor(float(per_token["ntp"][half:].numel()))}
     for key, values in per_token.items():
         out[key] = values.double().sum()
-        out[f"{key}_2nd"] = values[:, half:].double().sum()
+        out[f"{key}_2nd"] = values[half:].double().sum()
     return out
 
 

@@ -1,6 +1,6 @@
 """Per-token losses from (vocabulary-parallel) logits: next-token cross-entropy and
 KL(teacher || student). Under TP each rank holds a slice of the vocabulary; the reductions
-over it are all-reduces of [b, s] tensors, never a gather of full-vocabulary logits."""
+over it are collectives of per-token statistics, never a gather of full-vocabulary logits."""
 
 from __future__ import annotations
 
@@ -13,52 +13,85 @@ from forgetless import parallel
 
 
 def ntp(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token loss [b, s-1]. Under TP megatron's kernel overwrites float32
-    logits in place: compute any other loss on the same logits first."""
-    labels = tokens[:, 1:]
+    """Per-token next-token loss [s-1, b] from logits in megatron's layout [s-1, b, v / tp] and
+    tokens [b, s]. Under TP megatron's kernel overwrites float32 logits in place: compute any
+    other loss on the same logits first."""
+    labels = tokens[:, 1:].t().contiguous()
     if parallel.tp_size() > 1:
         return vocab_parallel_cross_entropy(student_logits.float(), labels)
     return F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(),
                            reduction="none").view_as(labels)
 
 
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    if parallel.tp_size() == 1:
-        return F.log_softmax(x, dim=-1)
-    local = torch.logsumexp(x, dim=-1)
-    top = local.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=parallel.tp_group())
-    total = (local - top).exp()
-    dist.all_reduce(total, group=parallel.tp_group())
-    return x - (top + total.log()).unsqueeze(-1)
+def gather_slices(stats: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every TP rank's per-token statistics [tokens, k] stacked [tp, tokens, k] (one
+    all-gather; [1, tokens, k] without a group)."""
+    if group is None:
+        return stats.unsqueeze(0)
+    parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, stats.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def merge_kl(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-vocabulary (lse_s, lse_t, KL) per token from vocabulary slices' statistics
+    [slices, tokens, (lse_s, lse_t, b, ...)], b = sum over the slice of softmax(t) * (t - s)
+    normalised within it. Exact for one slice: the log-sum-exp of one value is that value."""
+    lse_s, lse_t = torch.logsumexp(parts[..., 0], 0), torch.logsumexp(parts[..., 1], 0)
+    b = (torch.exp(parts[..., 1] - lse_t) * parts[..., 2]).sum(0)
+    return lse_s, lse_t, b + lse_s - lse_t
 
 
 class _KL(torch.autograd.Function):
-    """KL(teacher || student) per token with the analytic gradient softmax(s) - softmax(t).
+    """KL(teacher || student) per token; its gradient softmax(s) - softmax(t) is made in the
+    forward, CHUNK tokens at a time.
 
-    Exactly zero gradient when student and teacher logits are equal, and one saved pair of
-    [.., vocab] tensors instead of autograd's chain through log_softmax and kl_div. The
-    gradient needs no communication: each TP rank's vocabulary slice is its own."""
+    Why chunks: every full-vocabulary temporary ([tokens, vocab] float32, tens of MB) costs a
+    trip through memory and fresh pages from the allocator, while a chunk's stay in cache;
+    this pass is what kl_pre adds to finetuning besides the teacher. The exponentials are
+    shared between value and gradient (two per logit), and equal student and teacher logits
+    give exactly zero KL and zero gradient. Under TP each rank's vocabulary slice is its own;
+    the slices meet in one all-gather of per-token statistics."""
+
+    CHUNK = 128
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(student.dtype, torch.float32)  # float32 or float64
-        log_s = _log_softmax(student.to(dtype))
-        log_t = _log_softmax(teacher.to(dtype))
-        p_t = log_t.exp()
-        out = torch.linalg.vecdot(p_t, log_t.sub_(log_s))
-        if parallel.tp_size() > 1:
-            dist.all_reduce(out, group=parallel.tp_group())
-        ctx.save_for_backward(log_s, p_t)
-        ctx.dtype = student.dtype
-        return out
+        s = student.reshape(-1, student.size(-1))
+        t = teacher.reshape(-1, teacher.size(-1))
+        n, sliced = s.size(0), parallel.tp_size() > 1
+        grad = torch.empty(s.shape, dtype=dtype, device=s.device)
+        e_teacher = torch.empty_like(grad) if sliced else None  # until the slices meet
+        stats = torch.empty(n, 3, dtype=dtype, device=s.device)  # lse_s, lse_t, b of this slice
+        maxes = torch.empty(n, 2, dtype=dtype, device=s.device)
+        for i in range(0, n, _KL.CHUNK):
+            rows = slice(i, i + _KL.CHUNK)
+            sc, tc = s[rows].to(dtype), t[rows].to(dtype)
+            m_s, m_t = sc.amax(-1, keepdim=True), tc.amax(-1, keepdim=True)
+            e_s = torch.sub(sc, m_s, out=grad[rows]).exp_()
+            e_t = torch.sub(tc, m_t, out=e_teacher[rows] if sliced else None).exp_()
+            z_s, z_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
+            b = torch.linalg.vecdot(e_t, tc - sc).unsqueeze(-1) / z_t
+            stats[rows] = torch.cat([m_s + z_s.log(), m_t + z_t.log(), b], -1)
+            maxes[rows] = torch.cat([m_s, m_t], -1)
+            if not sliced:  # this slice is the whole vocabulary: normalise now
+                e_s.div_(z_s).sub_(e_t.div_(z_t))
+        lse_s, lse_t, out = merge_kl(gather_slices(stats, parallel.tp_group() if sliced else None))
+        if sliced:
+            grad.mul_((maxes[:, :1] - lse_s.unsqueeze(-1)).exp())
+            grad.sub_(e_teacher.mul_((maxes[:, 1:] - lse_t.unsqueeze(-1)).exp()))
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student.shape, student.dtype
+        return out.view(student.shape[:-1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        log_s, p_t = ctx.saved_tensors
-        return log_s.exp().sub_(p_t).mul_(grad.unsqueeze(-1)).to(ctx.dtype), None
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * g.reshape(-1, 1)).view(ctx.shape).to(ctx.dtype), None
 
 
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(teacher || student) [b, s-1] in float32; no gradient to the teacher."""
+    """KL(teacher || student) per token (over the last dimension) in float32 (float64 for
+    float64 logits); no gradient to the teacher."""
     return _KL.apply(student_logits, teacher_logits.detach())

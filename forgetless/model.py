@@ -49,12 +49,29 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
     )
 
 
-def build_model(cfg: ModelConfig) -> GPTModel:
+LOGITS = torch.empty(0)  # labels= value asking GPT for its logits as they are
+
+
+class GPT(GPTModel):
+    """megatron's GPTModel, which can also return its logits in its own [s, b, v / tp] layout.
+
+    Why: with labels=None GPTModel returns a [b, s, v] copy of them; at full vocabulary that
+    strided copy costs about as much as the KL computed over them (kl_pre makes two per step).
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor
+                                    ) -> torch.Tensor:
+        if labels is LOGITS:
+            return logits
+        return super().compute_language_model_loss(labels, logits)
+
+
+def build_model(cfg: ModelConfig) -> GPT:
     """GPTModel with pre-norm RMSNorm, RoPE, optional qk-norm, untied embeddings, no biases."""
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     if cpu_shims.on_cpu():
         spec.submodules.self_attention.submodules.core_attention = cpu_shims.SDPACoreAttention
-    model = GPTModel(
+    model = GPT(
         config=transformer_config(cfg),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -127,11 +144,11 @@ def count_params(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
 def next_token(model: torch.nn.Module, tokens: torch.Tensor, labels: bool = True
                ) -> torch.Tensor:
     """For packed sequences [b, s]: per-token next-token losses [b, s-1], or (labels=False)
-    the logits [b, s-1, vocab / tp]."""
+    the logits in megatron's layout [s-1, b, vocab / tp]."""
     inputs = tokens[:, :-1]
     positions = torch.arange(inputs.size(1), device=tokens.device).expand_as(inputs)
     return model(inputs, positions, attention_mask=None,
-                 labels=tokens[:, 1:] if labels else None)
+                 labels=tokens[:, 1:] if labels else LOGITS)
 
 
 def token_losses(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:

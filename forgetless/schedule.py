@@ -26,7 +26,7 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 class Micro:
     tokens: torch.Tensor  # [rows, seq_len] packed sequences
     loss: LossFn | None = None  # None: the raw output is returned (forward only)
-    labels: bool = True  # output per-token losses [rows, s-1]; else logits [rows, s-1, v/tp]
+    labels: bool = True  # output per-token losses [rows, s-1]; else logits [s-1, rows, v/tp]
 
 
 def split(rows: torch.Tensor, size: int) -> list[torch.Tensor]:

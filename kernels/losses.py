@@ -19,6 +19,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from forgetless.losses import gather_slices, merge_kl
+
 
 @triton.jit
 def _stats_kernel(s_ptr, t_ptr, labels_ptr, stats_ptr, stride, vocab, vocab_start,
@@ -83,16 +85,9 @@ def _vocab_start(vocab: int, group: dist.ProcessGroup | None) -> int:
 def _combine(stats: torch.Tensor, group: dist.ProcessGroup | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global (lse_s, lse_t, KL, CE) per token from each TP slice's statistics."""
-    lse_s, lse_t, b, s_label = stats.unbind(-1)
-    if group is not None:
-        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, stats.contiguous(), group=group)
-        parts = torch.stack(gathered)  # [tp, tokens, 4]
-        lse_s = torch.logsumexp(parts[..., 0], 0)
-        lse_t = torch.logsumexp(parts[..., 1], 0)
-        b = (torch.exp(parts[..., 1] - lse_t) * parts[..., 2]).sum(0)
-        s_label = parts[..., 3].sum(0)
-    return lse_s, lse_t, b - lse_t + lse_s, lse_s - s_label
+    parts = gather_slices(stats, group)
+    lse_s, lse_t, kl = merge_kl(parts)
+    return lse_s, lse_t, kl, lse_s - parts[..., 3].sum(0)
 
 
 class _FusedKLCE(torch.autograd.Function):

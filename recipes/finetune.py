@@ -146,7 +146,7 @@ def _tp_group():
 
 def _kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, lam: float,
         n: int, fused: bool):
-    kl = (kl_ce(student, target, tokens[:, 1:], group=_tp_group())[0] if fused
+    kl = (kl_ce(student, target, tokens[:, 1:].t(), group=_tp_group())[0] if fused
           else losses.kl(student, target))
     value = kl.mean() / n
     return lam * value, {"reg_loss": value.detach()}
@@ -155,7 +155,7 @@ def _kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, lam: 
 def _ntp_and_kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor,
                 lam: float, n: int, fused: bool):
     if fused:  # one pass gives both
-        kl, ce = kl_ce(student, target, tokens[:, 1:], group=_tp_group())
+        kl, ce = kl_ce(student, target, tokens[:, 1:].t(), group=_tp_group())
     else:  # the KL first: ntp consumes the logits
         kl = losses.kl(student, target)
         ce = losses.ntp(student, tokens)

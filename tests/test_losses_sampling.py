@@ -31,10 +31,11 @@ def test_kl_gradient_is_analytic_and_zero_at_equality():
 
 def test_ntp_matches_float64_cross_entropy():
     torch.manual_seed(1)
-    logits = torch.randn(2, 6, 50)
+    logits = torch.randn(6, 2, 50)  # megatron's layout [positions, rows, vocab]
     tokens = torch.randint(0, 50, (2, 7))
-    ref = -torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(losses.ntp(logits, tokens).double(), ref, rtol=1e-6, atol=1e-6)
+    ref = -torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, 1:].t()[..., None])
+    torch.testing.assert_close(losses.ntp(logits, tokens).double(), ref.squeeze(-1),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_philox_matches_triton_bit_for_bit():
