@@ -39,16 +39,19 @@ def _bisect(row_ptr, vocab, temperature, lo, hi, goal, floor, top, total,
     for _ in range(33):
         mid = lo + (hi - lo + 1) // 2
         threshold = _unkey(mid.to(tl.int32))
-        acc = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((BLOCK,), tl.float32)  # per lane; one reduction per pass
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = _row_logits(row_ptr, offs, vocab, temperature)
             keep = (x >= threshold) & (x >= floor) & (offs < vocab)
             if MASS:
-                acc += tl.sum(tl.where(keep, tl.exp(x - top), 0.0)) / total
+                acc += tl.where(keep, tl.exp(x - top), 0.0)
             else:
-                acc += tl.sum(keep.to(tl.float32))
-        ok = acc >= goal
+                acc += keep.to(tl.float32)
+        mass = tl.sum(acc)
+        if MASS:
+            mass = mass / total
+        ok = mass >= goal
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return _unkey(lo.to(tl.int32))
@@ -61,10 +64,11 @@ def _floor_kernel(logits_ptr, stride, floor_ptr, vocab, temperature, top_k, top_
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     floor = tl.full((), float("-inf"), tl.float32)
-    top = tl.full((), float("-inf"), tl.float32)
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        top = tl.maximum(top, tl.max(_row_logits(row_ptr, offs, vocab, temperature)))
+        top = tl.maximum(top, _row_logits(row_ptr, offs, vocab, temperature))
+    top = tl.max(top)
     lo = _key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
     hi = _key(top).to(tl.int64)
     if top_k > 0:
@@ -73,11 +77,12 @@ def _floor_kernel(logits_ptr, stride, floor_ptr, vocab, temperature, top_k, top_
     if min_p > 0.0:
         floor = tl.maximum(floor, top + tl.log(min_p))
     if top_p < 1.0:
-        total = tl.full((), 0.0, tl.float32)
+        total = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, vocab, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = _row_logits(row_ptr, offs, vocab, temperature)
-            total += tl.sum(tl.where((x >= floor) & (offs < vocab), tl.exp(x - top), 0.0))
+            total += tl.where((x >= floor) & (offs < vocab), tl.exp(x - top), 0.0)
+        total = tl.sum(total)
         floor = _bisect(row_ptr, vocab, temperature, lo, hi, top_p, floor, top, total, True,
                         BLOCK)
     tl.store(floor_ptr + row, floor)
@@ -97,8 +102,10 @@ def _gumbel_max_kernel(logits_ptr, stride, floor_ptr, seed_ptr, ids_ptr, pos_ptr
     position = tl.load(pos_ptr + row).to(tl.uint32)
     id_lo = (sample_id & 0xFFFFFFFF).to(tl.uint32)
     id_hi = (sample_id >> 32).to(tl.uint32)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_index = tl.full((), 0, tl.int32) + part * span
+    # running best per lane, reduced once at the end: a reduction per block would cost more
+    # than the block's memory traffic
+    lane_best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    lane_index = tl.full((BLOCK,), 0, tl.int32) + part * span
     end = tl.minimum(part * span + span, vocab)
     for start in range(part * span, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -113,11 +120,12 @@ def _gumbel_max_kernel(logits_ptr, stride, floor_ptr, seed_ptr, ids_ptr, pos_ptr
         w = 1.0 - u  # -log(u) as sampling.exponential computes it
         e = tl.where(w < 1.0 / 256, w * (1.0 + w * (0.5 + w * (1.0 / 3.0))), -tl.log(u))
         score = tl.where(valid & (x >= floor), x - tl.log(e), float("-inf"))
-        block_best = tl.max(score)
-        block_index = start + tl.argmax(score, axis=0)
-        better = block_best > best
-        best_index = tl.where(better, block_index, best_index)
-        best = tl.where(better, block_best, best)
+        better = score > lane_best  # strict: a lane keeps its first (lowest) index on ties
+        lane_index = tl.where(better, offs, lane_index)
+        lane_best = tl.where(better, score, lane_best)
+    best = tl.max(lane_best)
+    # the lowest index among the best lanes, as torch.argmax picks
+    best_index = tl.min(tl.where(lane_best == best, lane_index, 2147483647))
     tl.store(best_ptr + row * parts + part, best)
     tl.store(index_ptr + row * parts + part, best_index.to(tl.int64))
 
