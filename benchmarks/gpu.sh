@@ -53,4 +53,29 @@ for a, b in zip(*logs.values()):
     keys = [k for k in ("train_loss", "reg_loss", "prev_kl", "valid_ntp") if k in a]
     print(a["step"], {k: (round(a[k], 6), round(b[k], 6)) for k in keys})
 EOF
+    python3 - <<'EOF'
+import time, torch
+from forgetless import checkpoint, parallel
+from forgetless.sampler import generate
+parallel.init(0)
+model, state = checkpoint.load_model(checkpoint.resolve("/tmp/e2e/pre"))
+seq = state["model"]["seq_len"]
+runs = {"triton, CUDA graph": dict(backend="triton"),
+        "triton, eager steps": dict(backend="triton", cuda_graph=False),
+        "torch sampler, eager steps": dict(backend="torch")}
+for batch in (1, 64):
+    ids = torch.arange(batch)
+    out = {}
+    for name, kw in runs.items():
+        out[name] = generate(model, 3, ids, seq, 0, **kw)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(model, 3, ids, seq, 0, **kw)
+        torch.cuda.synchronize()
+        print(f"generate batch {batch} x {seq} ({name}): "
+              f"{batch * seq / (time.perf_counter() - start):,.0f} tokens/s")
+    first = out["triton, CUDA graph"]
+    print("  tokens equal to the graph's:", {k: (v == first).float().mean().item()
+                                           for k, v in out.items()})
+EOF
 } 2>&1 | tee "$out/e2e.txt"

@@ -279,6 +279,7 @@ class SamplingConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto: triton on CUDA, torch on CPU; torch; triton
+    cuda_graph: bool = True  # generation on CUDA with triton: each decode step a graph replay
 
     def __post_init__(self) -> None:
         _one_of(self.backend, "kernels.backend", ("auto", "torch", "triton"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from forgetless import checkpoint, config, kernels, lora, losses, parallel, schedule
-from forgetless.config import FinetuneConfig, SamplingConfig
+from forgetless.config import FinetuneConfig, KernelsConfig, SamplingConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
@@ -37,10 +37,11 @@ class OnTheFlyReplay:
 
     def __init__(self, teacher: torch.nn.Module, first_token: int, seq_len: int,
                  batch_size: int, buffer_batches: int, seed: int, sampling: SamplingConfig,
-                 state: dict | None = None, backend: str = "torch"):
+                 state: dict | None = None, kernels: KernelsConfig | None = None):
         self.teacher, self.first_token, self.seq_len = teacher, first_token, seq_len
         self.batch_size, self.buffer_size = batch_size, batch_size * buffer_batches
-        self.seed, self.sampling, self.backend = seed, config.to_dict(sampling), backend
+        self.seed, self.sampling = seed, config.to_dict(sampling)
+        self.kernels = config.to_dict(kernels or KernelsConfig())
         self.next_id = state["next_id"] if state else 0
         self.buffer_start, self.buffer = -1, torch.empty(0)
 
@@ -49,7 +50,7 @@ class OnTheFlyReplay:
         if start != self.buffer_start:
             ids = torch.arange(start, start + self.buffer_size)
             self.buffer = generate(self.teacher, self.first_token, ids, self.seq_len, self.seed,
-                                   **self.sampling, backend=self.backend)
+                                   **self.sampling, **self.kernels)
             self.buffer_start = start
         offset = self.next_id - start
         self.next_id += self.batch_size
@@ -218,7 +219,7 @@ def run(cfg: FinetuneConfig) -> dict:
         replay = OnTheFlyReplay(teacher, prev.domain_token, model_cfg.seq_len, n_replay,
                                 cfg.replay.buffer_batches, cfg.replay.seed,
                                 cfg.replay.sampling, state["data"]["replay"],
-                                cfg.kernels.backend)
+                                cfg.kernels)
     elif n_replay:
         source = load_manifest(cfg.replay.data) if cfg.replay.source == "self" else prev
         _check_matches(source, base, "replay.data")

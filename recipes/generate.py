@@ -87,7 +87,7 @@ def run(cfg: GenerateConfig) -> dict:
         sequences = []
         for batch in ids.split(cfg.batch_size):
             sequences.append(generate(model, source.domain_token, batch, seq_len, cfg.seed,
-                                      **to_dict(cfg.sampling), backend=cfg.kernels.backend))
+                                      **to_dict(cfg.sampling), **to_dict(cfg.kernels)))
             bar.update(batch.numel() * seq_len)
         if parallel.tp_rank():  # tensor-parallel peers sampled the same tokens
             continue

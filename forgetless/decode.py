@@ -1,0 +1,79 @@
+"""One KV-cache decode step with fixed shapes, so that CUDA can capture it in a graph.
+
+megatron-core's static decode advances its cache by a Python int each step (a graph would
+freeze it) and its CUDA-graph decode needs flash-attn's kv-cache kernel. Here the step reuses
+the model's own modules (norms, projections, MLP, rotary, output layer; TP included) and only
+attention is ours: the position is a tensor, keys and values are written at it, and every
+step attends over the whole cache under a mask. On CUDA `generate` captures step + sampling
+once and replays it per position; on the CPU the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.module import Float16Module
+
+
+class Decoder:
+    """Static key/value buffers [seq_len, batch, heads / tp, head_dim] per layer of `model`."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, seq_len: int):
+        self.model = model.module if isinstance(model, Float16Module) else model
+        attention = self.model.decoder.layers[0].self_attention
+        weight = attention.linear_qkv.weight
+        shape = (seq_len, batch, attention.num_attention_heads_per_partition,
+                 attention.hidden_size_per_attention_head)
+        self.cache = [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                       torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+                      for _ in self.model.decoder.layers]
+        self.freqs = self.model.rotary_pos_emb(seq_len)  # [seq_len, 1, 1, head_dim]
+        self.slots = torch.arange(seq_len, device=weight.device)
+
+    def step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """float32 logits [batch, vocab] of the next token after `tokens` [batch] placed at
+        `position` (a 1-element int64 tensor on the model's device)."""
+        model, config = self.model, self.model.config
+        x = model.embedding(input_ids=tokens.view(-1, 1),
+                            position_ids=position.expand(tokens.numel(), 1))  # [1, b, h]
+        freqs = self.freqs.index_select(0, position)
+        visible = (self.slots <= position).view(1, -1)  # [query, slot]
+        for layer, (keys, values) in zip(model.decoder.layers, self.cache, strict=True):
+            attention = layer.self_attention
+            q, k, v = attention.get_query_key_value_tensors(layer.input_layernorm(x), None)
+            q = apply_rotary_pos_emb(q, freqs, config)
+            keys.index_copy_(0, position, apply_rotary_pos_emb(k, freqs, config))
+            values.index_copy_(0, position, v)
+            context = F.scaled_dot_product_attention(  # [b, heads, 1, head_dim]
+                q.permute(1, 2, 0, 3), keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3),
+                attn_mask=visible)
+            out, _ = attention.linear_proj(context.permute(2, 0, 1, 3).flatten(2))
+            x = x + out
+            out, _ = layer.mlp(layer.pre_mlp_layernorm(x))
+            x = x + out
+        logits, _ = model.output_layer(model.decoder.final_layernorm(x),
+                                       runtime_gather_output=True)
+        return logits[0].float()
+
+
+def graphed(step: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], torch.Tensor]:
+    """`step` (reading and writing only fixed tensors) captured as a CUDA graph: the returned
+    function replays it and returns its (reused) output tensor."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
