@@ -44,7 +44,7 @@ def merge_kl(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 class _KL(torch.autograd.Function):
     """KL(teacher || student) per token; its gradient softmax(s) - softmax(t) is made in the
-    forward, CHUNK tokens at a time.
+    forward (when the student logits need one), CHUNK tokens at a time.
 
     Why chunks: every full-vocabulary temporary ([tokens, vocab] float32, tens of MB) costs a
     trip through memory and fresh pages from the allocator, while a chunk's stay in cache;
@@ -60,25 +60,25 @@ class _KL(torch.autograd.Function):
         dtype = torch.promote_types(student.dtype, torch.float32)  # float32 or float64
         s = student.reshape(-1, student.size(-1))
         t = teacher.reshape(-1, teacher.size(-1))
-        n, sliced = s.size(0), parallel.tp_size() > 1
-        grad = torch.empty(s.shape, dtype=dtype, device=s.device)
-        e_teacher = torch.empty_like(grad) if sliced else None  # until the slices meet
+        n, sliced, keep = s.size(0), parallel.tp_size() > 1, ctx.needs_input_grad[0]
+        grad = torch.empty(s.shape, dtype=dtype, device=s.device) if keep else None
+        e_teacher = torch.empty_like(grad) if sliced and keep else None  # until slices meet
         stats = torch.empty(n, 3, dtype=dtype, device=s.device)  # lse_s, lse_t, b of this slice
         maxes = torch.empty(n, 2, dtype=dtype, device=s.device)
         for i in range(0, n, _KL.CHUNK):
             rows = slice(i, i + _KL.CHUNK)
             sc, tc = s[rows].to(dtype), t[rows].to(dtype)
             m_s, m_t = sc.amax(-1, keepdim=True), tc.amax(-1, keepdim=True)
-            e_s = torch.sub(sc, m_s, out=grad[rows]).exp_()
-            e_t = torch.sub(tc, m_t, out=e_teacher[rows] if sliced else None).exp_()
+            e_s = torch.sub(sc, m_s, out=grad[rows] if keep else None).exp_()
+            e_t = torch.sub(tc, m_t, out=e_teacher[rows] if e_teacher is not None else None).exp_()
             z_s, z_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
             b = torch.linalg.vecdot(e_t, tc - sc).unsqueeze(-1) / z_t
             stats[rows] = torch.cat([m_s + z_s.log(), m_t + z_t.log(), b], -1)
             maxes[rows] = torch.cat([m_s, m_t], -1)
-            if not sliced:  # this slice is the whole vocabulary: normalise now
+            if keep and not sliced:  # this slice is the whole vocabulary: normalise now
                 e_s.div_(z_s).sub_(e_t.div_(z_t))
         lse_s, lse_t, out = merge_kl(gather_slices(stats, parallel.tp_group() if sliced else None))
-        if sliced:
+        if keep and sliced:
             grad.mul_((maxes[:, :1] - lse_s.unsqueeze(-1)).exp())
             grad.sub_(e_teacher.mul_((maxes[:, 1:] - lse_t.unsqueeze(-1)).exp()))
         ctx.save_for_backward(grad)
