@@ -67,6 +67,27 @@ def sampling_rows(device: str, batch: int, vocab: int, dtype: torch.dtype) -> li
     return rows
 
 
+def hidden_sampling_rows(device: str, batch: int, width: int, vocab: int,
+                         dtype: torch.dtype) -> list[tuple]:
+    """Sampling from hidden states [batch, width] under an output embedding [vocab, width]:
+    projection then sampling, against the Triton kernel that never writes the logits.
+    GB/s counts the embedding and hidden states read once."""
+    hidden = torch.randn(batch, width, device=device).to(dtype)
+    weight = (torch.randn(vocab, width, device=device) / width**0.5).to(dtype)
+    ids = torch.arange(batch, device=device)
+    moved = (weight.numel() + hidden.numel()) * weight.element_size()
+    paths = {"matmul + torch eager sample": lambda: sampling.sample(hidden @ weight.t(), 1, ids,
+                                                                    3)}
+    if CUDA:
+        paths["matmul + triton fused sample"] = lambda: sampling_triton.sample(
+            hidden @ weight.t(), 1, ids, 3)
+        paths["triton from hidden states"] = lambda: sampling_triton.sample_hidden(
+            hidden, weight, 1, ids, 3)
+    case = f"sample from hidden {batch}x{width}->{vocab} {str(dtype)[6:]}"
+    seconds = {name: timed(fn) for name, fn in paths.items()}
+    return [(case, name, s * 1e3, moved / s / 1e9) for name, s in seconds.items()]
+
+
 def kl_rows(device: str, tokens: int, vocab: int) -> list[tuple]:
     s = torch.randn(tokens, vocab, device=device, requires_grad=True)
     t = torch.randn(tokens, vocab, device=device)
@@ -133,6 +154,14 @@ def gpu_checks() -> list[str]:
                    for p in range(4))
         out.append(f"sampling {settings or 'plain'}: {same}/{4 * 256} tokens equal to the "
                    f"PyTorch reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(256, 2048, device="cuda").to(dtype)
+        weight = (torch.randn(131072, 2048, device="cuda") / 45).to(dtype)
+        same = sum((sampling.sample(hidden @ weight.t(), 5, ids, p)
+                    == sampling_triton.sample_hidden(hidden, weight, 5, ids, p)).sum().item()
+                   for p in range(4))
+        out.append(f"sampling from hidden states {str(dtype)[6:]}: {same}/{4 * 256} tokens "
+                   f"equal to projection + PyTorch reference")
     s = (torch.randn(64, 131072, device="cuda") * 3).requires_grad_(True)
     t = torch.randn(64, 131072, device="cuda") * 3
     y = torch.randint(0, 131072, (64,), device="cuda")
@@ -164,6 +193,9 @@ def main() -> None:
     rows = sampling_rows(device, 256, 131072 if big else 4096, torch.float32)
     if CUDA:
         rows += sampling_rows(device, 256, 131072 if big else 4096, torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
+        rows += hidden_sampling_rows(device, 256 if big else 64, 2048 if big else 128,
+                                     131072 if big else 4096, dtype)
     rows += kl_rows(device, 4096 if big else 256, 131072 if big else 4096)
     lines += ["| case | path | ms | GB/s |", "| --- | --- | --- | --- |"]
     lines += [f"| {c} | {p} | {ms:.3f} | {bw:,.1f} |" for c, p, ms, bw in rows]

@@ -36,6 +36,18 @@ class Decoder:
     def step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """float32 logits [batch, vocab] of the next token after `tokens` [batch] placed at
         `position` (a 1-element int64 tensor on the model's device)."""
+        logits, _ = self.model.output_layer(self.hidden(tokens, position).unsqueeze(0),
+                                            runtime_gather_output=True)
+        return logits[0].float()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[vocab / tp, hidden]: logits = hidden @ output_weight.T (this rank's slice)."""
+        return self.model.output_layer.weight
+
+    def hidden(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states [batch, hidden] that `step` projects to logits;
+        the cache is written here."""
         model, config = self.model, self.model.config
         x = model.embedding(input_ids=tokens.view(-1, 1),
                             position_ids=position.expand(tokens.numel(), 1))  # [1, b, h]
@@ -54,9 +66,7 @@ class Decoder:
             x = x + out
             out, _ = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + out
-        logits, _ = model.output_layer(model.decoder.final_layernorm(x),
-                                       runtime_gather_output=True)
-        return logits[0].float()
+        return model.decoder.final_layernorm(x)[0]
 
 
 def graphed(step: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], torch.Tensor]:

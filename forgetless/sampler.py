@@ -1,6 +1,7 @@
 """Ancestral sampling with a KV cache (`decode.py`): on CUDA with the Triton sampler each step
 (forward + sampling) is one CUDA-graph replay, so small models are not bound by kernel
-launches and Python.
+launches and Python; without top-k/top-p/min-p and at TP 1 the Triton sampler draws straight
+from the final hidden states, never writing [batch, vocab] logits.
 
 Every sequence starts from a given first token (the previous dataset's domain token) and runs
 the full length; the token at position t of sample i depends only on (seed, i, t) and the model.
@@ -23,9 +24,12 @@ def generate(model: torch.nn.Module, first_token: int, sample_ids: torch.Tensor,
     """Sequences [len(sample_ids), seq_len] (int64). backend, cuda_graph: as in kernels.*"""
     triton = kernels.backend(backend) == "triton"
     if triton:
-        from forgetless.kernels.sampling_triton import sample
+        from forgetless.kernels.sampling_triton import sample, sample_hidden
     else:
         sample = sampling.sample
+    # the full vocabulary on one rank: sample straight from hidden states, no logits
+    from_hidden = triton and not (top_k or top_p < 1.0 or min_p > 0.0) and \
+        parallel.tp_size() == 1
     was_training = model.training
     model.eval()
     batch = sample_ids.numel()
@@ -39,6 +43,9 @@ def generate(model: torch.nn.Module, first_token: int, sample_ids: torch.Tensor,
     key = torch.tensor(seed, device=device) if triton else seed  # a tensor survives graphs
 
     def step() -> torch.Tensor:
+        if from_hidden:
+            return sample_hidden(decoder.hidden(current, position), decoder.output_weight, key,
+                                 sample_ids, position + 1, temperature)
         return sample(decoder.step(current, position), key, sample_ids, position + 1,
                       temperature, top_k, top_p, min_p)
 

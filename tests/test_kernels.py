@@ -29,6 +29,39 @@ def test_sampling_kernel_draws_the_reference_tokens(settings, dtype):
     assert same >= 0.999 * total
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_from_hidden_states_draws_the_logits_tokens(dtype):
+    """Row, vocabulary and hidden sizes that no block divides."""
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(20, 48, generator=generator).to(dtype)
+    weight = (torch.randn(300, 48, generator=generator) * 0.5).to(dtype)
+    ids = torch.randint(0, 2**40, (20,), generator=generator)
+    same = total = 0
+    for position, temperature in ((1, 1.0), (9, 0.7), (77, 1.0)):
+        ref = sampling.sample(hidden @ weight.t(), 5, ids, position, temperature=temperature)
+        out = sampling_triton.sample_hidden(hidden, weight, 5, ids, position, temperature,
+                                            block_b=16, block_v=64, block_h=32)
+        same += (ref == out).sum().item()
+        total += ref.numel()
+    assert same >= 0.999 * total
+    greedy = sampling_triton.sample_hidden(hidden, weight, 5, ids, 3, temperature=0)
+    assert torch.equal(greedy, (hidden @ weight.t()).float().argmax(-1))
+
+
+def test_sampling_from_hidden_states_statistics():
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 16, generator=generator)
+    weight = torch.randn(24, 16, generator=generator) * 0.4
+    probs = torch.softmax(hidden @ weight.t(), -1)[0].double().numpy()
+    draws = 800
+    tokens = sampling_triton.sample_hidden(hidden.expand(draws, -1), weight, 11,
+                                           torch.arange(draws), 2, block_b=16, block_v=16,
+                                           block_h=16)
+    freq = _frequencies(tokens, 24)
+    assert np.dot(freq, probs) / np.linalg.norm(freq) / np.linalg.norm(probs) > 0.99
+    assert _chi_square_ok(freq * draws, probs, draws)
+
+
 def _frequencies(tokens, vocab):
     return np.bincount(tokens.numpy(), minlength=vocab) / tokens.numel()
 
@@ -104,6 +137,9 @@ def test_kernel_outputs_are_all_written(monkeypatch):
     assert torch.isfinite(kl).all() and torch.isfinite(ce).all()
     assert torch.isfinite(student.grad).all()
     tokens = sampling_triton.sample(torch.randn(9, 200), 1, torch.arange(9), 0, block=64)
+    assert ((tokens >= 0) & (tokens < 200)).all()
+    tokens = sampling_triton.sample_hidden(torch.randn(19, 40), torch.randn(200, 40), 1,
+                                           torch.arange(19), 0, block_v=64, block_h=16)
     assert ((tokens >= 0) & (tokens < 200)).all()
 
 

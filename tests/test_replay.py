@@ -269,18 +269,21 @@ def test_quickstart_pipeline_and_reuse(world, megatron_world, tmp_path, capsys):
 
 
 def test_triton_backend_gives_the_torch_tokens_and_losses(world, megatron_world, tmp_path):
-    """kernels.backend=triton (Triton's interpreter on CPU) against the PyTorch paths."""
+    """kernels.backend=triton (Triton's interpreter on CPU) against the PyTorch paths: top-k
+    samples from logits, the full vocabulary straight from hidden states."""
     tokens = {}
     for backend in ("torch", "triton"):
-        out = tmp_path / f"replay-{backend}"
-        generate.run(config.load(GenerateConfig, None, [
-            f"checkpoint={world['base']}", f"out={out}", "samples=6", "batch_size=3",
-            "sampling.top_k=40", f"kernels.backend={backend}"]))
-        tokens[backend] = _replay_tokens(out)
+        for name, sampling in (("top_k", ["sampling.top_k=40"]), ("full", [])):
+            out = tmp_path / f"replay-{name}-{backend}"
+            generate.run(config.load(GenerateConfig, None, [
+                f"checkpoint={world['base']}", f"out={out}", "samples=6", "batch_size=3",
+                *sampling, f"kernels.backend={backend}"]))
+            tokens[name, backend] = _replay_tokens(out)
         finetune.run(_finetune_cfg(world, tmp_path / f"ft-{backend}", "method=kl_dwn",
                                    "stop.steps=3", "eval.interval=3", "eval.log_interval=1",
                                    f"kernels.backend={backend}"))
-    assert np.array_equal(tokens["torch"], tokens["triton"])
+    for name in ("top_k", "full"):
+        assert np.array_equal(tokens[name, "torch"], tokens[name, "triton"]), name
     torch_log, triton_log = (metrics.read(tmp_path / f"ft-{b}" / "metrics.jsonl")
                              for b in ("torch", "triton"))
     for a, b in zip(torch_log[1:], triton_log[1:], strict=True):
