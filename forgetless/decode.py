@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import Float16Module
 
+from forgetless.errors import UserError
+
 
 class Decoder:
     """Static key/value buffers [seq_len, batch, heads / tp, head_dim] per layer of `model`."""
@@ -79,8 +81,12 @@ def graphed(step: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], t
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    except RuntimeError as e:
+        raise UserError(f"capturing the decode step as a CUDA graph failed ({e}); "
+                        f"kernels.cuda_graph=false decodes the same steps eagerly") from e
 
     def replay() -> torch.Tensor:
         graph.replay()
