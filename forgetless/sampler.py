@@ -28,7 +28,7 @@ def generate(model: torch.nn.Module, first_token: int, sample_ids: torch.Tensor,
     else:
         sample = sampling.sample
     # the full vocabulary on one rank: sample straight from hidden states, no logits
-    from_hidden = triton and not (top_k or top_p < 1.0 or min_p > 0.0) and \
+    from_hidden = triton and not sampling.filtered(top_k, top_p, min_p) and \
         parallel.tp_size() == 1
     was_training = model.training
     model.eval()

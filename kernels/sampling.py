@@ -29,6 +29,11 @@ def exponential(u: torch.Tensor) -> torch.Tensor:
     return torch.where(w < 1.0 / 256, w * (1.0 + w * (0.5 + w * (1.0 / 3.0))), -torch.log(u))
 
 
+def filtered(top_k: int, top_p: float, min_p: float) -> bool:
+    """Whether any of top-k, top-p and min-p removes tokens (else: the full vocabulary)."""
+    return bool(top_k) or top_p < 1.0 or min_p > 0.0
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0) -> torch.Tensor:
     """Logits with tokens outside the top-k, min-p (probability below min_p x the largest)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from forgetless.kernels.sampling import filtered
+
 
 @triton.jit
 def _key(x):
@@ -221,7 +223,7 @@ def sample(logits: torch.Tensor, seed: int | torch.Tensor, sample_ids: torch.Ten
     positions = torch.as_tensor(position, device=device).to(torch.int64).expand(batch)
     top_k = top_k if top_k < vocab else 0
     floor = torch.full((batch,), float("-inf"), device=device)
-    if top_k or top_p < 1.0 or min_p > 0.0:
+    if filtered(top_k, top_p, min_p):
         _floor_kernel[(batch,)](logits, logits.stride(0), floor, vocab, float(temperature),
                                 float(top_k), float(top_p), float(min_p), BLOCK=block)
     blocks = triton.cdiv(vocab, block)

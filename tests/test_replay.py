@@ -124,6 +124,7 @@ def test_kl_pre_regulariser_has_zero_gradient_at_start(world, megatron_world):
                                    forward_only=False)
             grads.append(_grads(student))
             assert sum(float(r.get("reg_loss", 0)) for r in results) == 0.0
+        assert grads[0] and all(torch.equal(a, b) for a, b in zip(*grads, strict=True)), method
 
 def test_methods_run_and_do_what_they_claim(world, megatron_world, tmp_path, monkeypatch):
     replay_dir = tmp_path / "replay"
