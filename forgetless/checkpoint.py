@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 
 from forgetless import lora, parallel
 from forgetless.atomic import publish_dir
@@ -87,7 +88,10 @@ def resume_path(run_dir: str | Path, resume: str) -> Path | None:
             raise CheckpointError(f"resume=never but {run_dir} holds checkpoints; use "
                                   f"resume=auto or another run_dir")
         return None
-    return resolve(resume)
+    try:
+        return resolve(resume)
+    except CheckpointError as e:
+        raise CheckpointError(f"resume={resume} (auto, never, or a checkpoint): {e}") from e
 
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
@@ -161,7 +165,7 @@ def load(path: Path, model: torch.nn.Module, optimizer=None,
                         metadata=_optim_metadata(distributed_optimizer)),
                     str(path / "optim")))
             torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    except (RuntimeError, EOFError, KeyError, FileNotFoundError) as e:
+    except (CheckpointingException, RuntimeError, EOFError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({e})") from e
     return state
 

@@ -58,6 +58,19 @@ def _settings(args: list[str]) -> list[str]:
     return out
 
 
+def program_config(args: list[str]) -> tuple[str, str, object]:
+    """(program, its recipes module:function, its validated config) from
+    `program [recipe] key=value ...` (`data prepare ...` / `data tokenizer ...` included)."""
+    program, rest = args[0], _settings(args[1:])
+    if program == "data":
+        program = f"data {rest.pop(0) if rest else ''}"
+        if program not in PROGRAMS:
+            raise UserError("expected `data prepare` or `data tokenizer`")
+    target, schema, _ = PROGRAMS[program]
+    recipe = rest.pop(0) if rest and "=" not in rest[0] else None
+    return program, target, config.load(schema, recipe, rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv[:1])
@@ -69,17 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"forgetless {program}: error: {e}", file=sys.stderr)
             return 2
-    rest = _settings(argv[1:])
-    if program == "data":
-        program = f"data {rest.pop(0) if rest else ''}"
-        if program not in PROGRAMS:
-            print("forgetless data: expected `data prepare` or `data tokenizer`", file=sys.stderr)
-            return 2
-    target, schema, _ = PROGRAMS[program]
-    module, function = target.split(":")
-    recipe = rest.pop(0) if rest and "=" not in rest[0] else None
     try:
-        cfg = config.load(schema, recipe, rest)
+        program, target, cfg = program_config(argv)
+        module, function = target.split(":")
         result = getattr(importlib.import_module(f"forgetless.recipes.{module}"), function)(cfg)
     except UserError as e:
         print(f"forgetless {program}: error: {e}", file=sys.stderr)

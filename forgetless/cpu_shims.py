@@ -33,16 +33,9 @@ class SDPACoreAttention(MegatronModule):
                 attention_mask: torch.Tensor | None = None, attn_mask_type=None,
                 **_: object) -> torch.Tensor:
         # megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim]
+        # (whole causal sequences only: decoding has its own attention, forgetless/decode.py)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.size(1) != q.size(1):  # grouped-query attention: repeat kv heads
-            rep = q.size(1) // k.size(1)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        sq, sk = q.size(2), k.size(2)
-        if sq == sk or sq == 1:  # training / prefill, or one decoding step (sees every key)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=self.scale)
-        else:  # decoding with a KV cache: queries are the last sq positions
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         s, b = query.size(0), query.size(1)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

@@ -18,9 +18,9 @@ def eval_set(manifest: Manifest, batch_size: int, max_sequences: int,
              split: str = "valid") -> list[torch.Tensor]:
     """This DP rank's share of the fixed evaluation batches (the first max_sequences; 0: all),
     read once per run."""
-    spec = StreamSpec(manifest, split, batch_size, train=False, limit=max_sequences)
-    mine = (batch[parallel.dp_rank()::parallel.dp_size()] for batch in Loader(spec))
-    return [parallel.to_device(batch) for batch in mine if batch.size(0)]
+    spec = StreamSpec(manifest, split, max(1, batch_size // parallel.dp_size()), train=False,
+                      limit=max_sequences, rank=parallel.dp_rank(), world=parallel.dp_size())
+    return [parallel.to_device(batch) for batch in Loader(spec)]
 
 
 def _sums(per_token: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ import math
 import types
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -22,6 +21,8 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
+
+from forgetless import parallel
 
 # (block, linear, column-parallel)
 TARGETS = (("self_attention", "linear_qkv", True), ("self_attention", "linear_proj", False),
@@ -58,8 +59,7 @@ def _targets(model: nn.Module):
 def apply(model: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
     """Freeze the model, add adapters (B = 0: the model is unchanged), return them."""
     model.requires_grad_(False)
-    tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_tensor_model_parallel_rank())
+    tp, tp_rank = parallel.tp_size(), parallel.tp_rank()
     glu = model.config.gated_linear_unit
     params = []
     for linear, column, name in _targets(model):

@@ -60,11 +60,12 @@ class _KL(torch.autograd.Function):
         dtype = torch.promote_types(student.dtype, torch.float32)  # float32 or float64
         s = student.reshape(-1, student.size(-1))
         t = teacher.reshape(-1, teacher.size(-1))
-        n, sliced, keep = s.size(0), parallel.tp_size() > 1, ctx.needs_input_grad[0]
+        n, group, keep = s.size(0), parallel.vocab_group(), ctx.needs_input_grad[0]
         grad = torch.empty(s.shape, dtype=dtype, device=s.device) if keep else None
-        e_teacher = torch.empty_like(grad) if sliced and keep else None  # until slices meet
+        # under TP the gradient is normalised once the slices meet: keep exp(t - max) till then
+        e_teacher = torch.empty_like(grad) if keep and group is not None else None
         stats = torch.empty(n, 3, dtype=dtype, device=s.device)  # lse_s, lse_t, b of this slice
-        maxes = torch.empty(n, 2, dtype=dtype, device=s.device)
+        maxes = torch.empty(n, 2, dtype=dtype, device=s.device) if e_teacher is not None else None
         for i in range(0, n, _KL.CHUNK):
             rows = slice(i, i + _KL.CHUNK)
             sc, tc = s[rows].to(dtype), t[rows].to(dtype)
@@ -74,11 +75,12 @@ class _KL(torch.autograd.Function):
             z_s, z_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
             b = torch.linalg.vecdot(e_t, tc - sc).unsqueeze(-1) / z_t
             stats[rows] = torch.cat([m_s + z_s.log(), m_t + z_t.log(), b], -1)
-            maxes[rows] = torch.cat([m_s, m_t], -1)
-            if keep and not sliced:  # this slice is the whole vocabulary: normalise now
+            if maxes is not None:
+                maxes[rows] = torch.cat([m_s, m_t], -1)
+            elif keep:  # this slice is the whole vocabulary: normalise now
                 e_s.div_(z_s).sub_(e_t.div_(z_t))
-        lse_s, lse_t, out = merge_kl(gather_slices(stats, parallel.tp_group() if sliced else None))
-        if keep and sliced:
+        lse_s, lse_t, out = merge_kl(gather_slices(stats, group))
+        if maxes is not None:
             grad.mul_((maxes[:, :1] - lse_s.unsqueeze(-1)).exp())
             grad.sub_(e_teacher.mul_((maxes[:, 1:] - lse_t.unsqueeze(-1)).exp()))
         ctx.save_for_backward(grad)

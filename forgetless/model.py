@@ -151,11 +151,6 @@ def next_token(model: torch.nn.Module, tokens: torch.Tensor, labels: bool = True
                  labels=tokens[:, 1:] if labels else LOGITS)
 
 
-def token_losses(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token losses [b, s-1] for packed sequences [b, s]."""
-    return next_token(model, tokens)
-
-
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 6 x matmul parameters plus attention scores (PaLM appendix B)."""
     attn = cfg.hidden * 3 * cfg.num_heads * cfg.head_dim + cfg.num_heads * cfg.head_dim * cfg.hidden

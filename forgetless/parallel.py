@@ -139,5 +139,10 @@ def tp_group() -> dist.ProcessGroup:
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def vocab_group() -> dist.ProcessGroup | None:
+    """The group whose ranks hold the vocabulary's slices; None when one rank holds it all."""
+    return tp_group() if tp_size() > 1 else None
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1

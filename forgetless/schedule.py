@@ -55,8 +55,7 @@ def run(model: torch.nn.Module, micros: list[Micro], forward_only: bool) -> list
     rows = {m.tokens.size(0) for m in micros}
     if parallel.pp_size() > 1 and len(rows) > 1:
         raise UserError(f"pipeline parallelism needs microbatches of one size; this step has "
-                        f"{sorted(rows)} rows (make replay.batch_size a multiple of the "
-                        f"microbatch size)")
+                        f"{sorted(rows)} rows")
 
     def step(data: object, chunk: torch.nn.Module):
         micro = next(data)

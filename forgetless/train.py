@@ -215,11 +215,11 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
             preempted = parallel.any_rank(signals.received is not None)
             if done or preempted or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
                 path = _save(run, record)
+            if done:  # a signal at the last step: finished, nothing to requeue
+                return record
             if preempted:
                 raise Preempted(f"preempted: checkpoint {path} at step {run.step}",
                                 run.preempt.exit_code)
-            if done:
-                return record
     finally:
         signals.restore()
         bar.close()

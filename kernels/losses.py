@@ -4,7 +4,7 @@ One program per token streams the student and teacher logits of its vocabulary s
 blocks with an online log-sum-exp (float32 accumulation), so no softmax tensor is ever
 written; the backward recomputes the gradient softmax(s) - softmax(t) (+ the cross-entropy
 term) block by block. Under TP each rank runs it on its vocabulary slice and the partial
-statistics meet in one all-reduce of [tokens] tensors. `fused_linear_kl_ce` goes further and
+statistics meet in one all-gather of [tokens, 4] tensors. `fused_linear_kl_ce` goes further and
 takes hidden states and output embeddings: logits are made `chunk` tokens at a time and
 never exist whole (the idea of Liger-Kernel's fused linear losses).
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from forgetless.atomic import atomic_write_text
+from forgetless.cli import program_config
 from forgetless.launch import node, slurm, sweep
 
 
@@ -34,10 +36,9 @@ def _job(args: argparse.Namespace, name: str, elements: list[list[str]],
 
 
 def _run_dir(program_args: list[str]) -> str:
-    for arg in program_args:
-        if arg.startswith("run_dir="):
-            return arg.split("=", 1)[1]
-    return f"runs/{program_args[0]}"
+    """Where the program writes (its run_dir, or out), as its own config resolves it."""
+    program, _, cfg = program_config(program_args)
+    return getattr(cfg, "run_dir", "") or getattr(cfg, "out", "") or f"runs/{program}"
 
 
 def _submit(args: argparse.Namespace, job: slurm.Job, script: Path) -> int:
@@ -102,7 +103,7 @@ def run_sweep(argv: list[str]) -> int:
                    else [sys.executable, "-m", "forgetless", *r.args])
         print(f"== {r.name}", flush=True)
         code = subprocess.run(command).returncode
-        (r.run_dir / "launch-exit-code").write_text(f"{code}\n")
+        atomic_write_text(r.run_dir / "launch-exit-code", f"{code}\n")
     status = {r.name: r.status() for r in runs}  # after running
     failed = [r for r in runs if status[r.name].startswith("failed")]
     for r in failed:

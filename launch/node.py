@@ -18,15 +18,10 @@ import psutil
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def torchrun_command(nproc: int, program: list[str], nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str = "", master_port: int = 29500) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if nnodes == 1 and not master_addr:
-        command.append("--standalone")
-    else:
-        command += [f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-                    f"--master_addr={master_addr}", f"--master_port={master_port}"]
-    return [*command, "-m", "forgetless", *program]
+def torchrun_command(nproc: int, program: list[str]) -> list[str]:
+    """torchrun on this node alone (multi-node jobs get theirs from `slurm.render`)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--standalone", "-m", "forgetless", *program]
 
 
 def run(command: list[str], preempt_exit_code: int = 75) -> int:

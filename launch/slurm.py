@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from forgetless.atomic import atomic_write_text
 from forgetless.errors import UserError
 
 TEMPLATE = Template("""#!/bin/bash
@@ -43,7 +44,8 @@ while true; do
     rc=$$?
     kill -0 "$$step" 2>/dev/null || break
 done
-mkdir -p "$$RUN_DIR" && echo "$$rc" > "$$RUN_DIR/launch-exit-code"
+mkdir -p "$$RUN_DIR" && echo "$$rc" > "$$RUN_DIR/.launch-exit-code.tmp" &&
+    mv "$$RUN_DIR/.launch-exit-code.tmp" "$$RUN_DIR/launch-exit-code"
 if [ "$$rc" -eq $exit_code ]; then
     echo "preempted: requeueing job $$SLURM_JOB_ID"
     scontrol requeue "$$SLURM_JOB_ID"
@@ -117,7 +119,7 @@ def submit(job: Job, script_path: Path) -> str:
     for run_dir in job.run_dirs:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     script_path.parent.mkdir(parents=True, exist_ok=True)
-    script_path.write_text(render(job))
+    atomic_write_text(script_path, render(job))
     try:
         out = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True,
                              text=True)

@@ -4,7 +4,7 @@
     recipe: pretrain-cpu         # optional YAML recipe
     out: runs/sweeps/lr          # one run directory per element under it
     base: {stop.steps: 200}      # overrides shared by every element
-    grid: {opt.lr: [1e-3, 2e-3, 4e-3]}
+    grid: {opt.lr: [0.001, 0.002, 0.004]}
 
 Element names come from the grid values (e.g. `lr=0.002`), so a resubmitted sweep finds its
 runs again: finished ones are skipped, failed ones are reported with their exit code and log.
@@ -52,14 +52,24 @@ class Element:
 
 
 def _value(value: object) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """An override's value as the command line spells it (null, true, lists as JSON)."""
+    return json.dumps(value) if value is None or isinstance(value, (bool, list, dict)) \
+        else str(value)
 
 
 def load(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"sweep: file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep {path}: must be a mapping of program, out, base, grid")
+    for key in ("grid", "base"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ConfigError(f"sweep {path}: {key} must be a mapping of key: value")
     unknown = set(data) - set(Sweep.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"sweep {path}: unknown keys {', '.join(sorted(unknown))}")
@@ -85,4 +95,8 @@ def elements(sweep: Sweep) -> list[Element]:
         args = [sweep.program, *([sweep.recipe] if sweep.recipe else []),
                 *(f"{k}={_value(v)}" for k, v in overrides.items())]
         out.append(Element(name, run_dir, args))
+    names = [e.name for e in out]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"sweep {sweep.name}: grid values repeat (runs named "
+                          f"{sorted({n for n in names if names.count(n) > 1})})")
     return out

@@ -33,28 +33,31 @@ class OnTheFlyReplay:
     """Replay sampled from the teacher during training, buffer_batches batches at a time.
 
     Sample ids count up from 0, so the state is the next id: a resumed run regenerates the
-    buffer that id falls in (identically) and continues from it."""
+    buffer that id falls in (identically) and continues from it. Each data-parallel rank
+    samples only its share of every batch."""
 
     def __init__(self, teacher: torch.nn.Module, first_token: int, seq_len: int,
                  batch_size: int, buffer_batches: int, seed: int, sampling: SamplingConfig,
-                 state: dict | None = None, kernels: KernelsConfig | None = None):
+                 state: dict | None, kernel_cfg: KernelsConfig):
         self.teacher, self.first_token, self.seq_len = teacher, first_token, seq_len
         self.batch_size, self.buffer_size = batch_size, batch_size * buffer_batches
         self.seed, self.sampling = seed, config.to_dict(sampling)
-        self.kernels = config.to_dict(kernels or KernelsConfig())
+        self.kernels = config.to_dict(kernel_cfg)
         self.next_id = state["next_id"] if state else 0
         self.buffer_start, self.buffer = -1, torch.empty(0)
 
     def __next__(self) -> torch.Tensor:
         start = self.next_id // self.buffer_size * self.buffer_size
         if start != self.buffer_start:
-            ids = torch.arange(start, start + self.buffer_size)
-            self.buffer = generate(self.teacher, self.first_token, ids, self.seq_len, self.seed,
-                                   **self.sampling, **self.kernels)
+            batches = torch.arange(start, start + self.buffer_size).view(-1, self.batch_size)
+            ids = torch.stack([parallel.split_rows(batch) for batch in batches])
+            self.buffer = generate(self.teacher, self.first_token, ids.flatten(), self.seq_len,
+                                   self.seed, **self.sampling, **self.kernels
+                                   ).view(*ids.shape, self.seq_len)
             self.buffer_start = start
-        offset = self.next_id - start
+        batch = (self.next_id - start) // self.batch_size
         self.next_id += self.batch_size
-        return parallel.split_rows(self.buffer[offset:offset + self.batch_size])
+        return self.buffer[batch]
 
     def state_dict(self) -> dict:
         return {"next_id": self.next_id}
@@ -141,13 +144,9 @@ def make_plan(cfg: FinetuneConfig, teacher: torch.nn.Module, size: int
     return plan
 
 
-def _tp_group():
-    return parallel.tp_group() if parallel.tp_size() > 1 else None
-
-
 def _kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, lam: float,
         n: int, fused: bool):
-    kl = (kl_ce(student, target, tokens[:, 1:].t(), group=_tp_group())[0] if fused
+    kl = (kl_ce(student, target, tokens[:, 1:].t(), group=parallel.vocab_group())[0] if fused
           else losses.kl(student, target))
     value = kl.mean() / n
     return lam * value, {"reg_loss": value.detach()}
@@ -156,7 +155,7 @@ def _kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor, lam: 
 def _ntp_and_kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor,
                 lam: float, n: int, fused: bool):
     if fused:  # one pass gives both
-        kl, ce = kl_ce(student, target, tokens[:, 1:].t(), group=_tp_group())
+        kl, ce = kl_ce(student, target, tokens[:, 1:].t(), group=parallel.vocab_group())
     else:  # the KL first: ntp consumes the logits
         kl = losses.kl(student, target)
         ce = losses.ntp(student, tokens)
@@ -233,6 +232,12 @@ def run(cfg: FinetuneConfig) -> dict:
         raise config.ConfigError(
             f"parallel.microbatches: {cfg.parallel.microbatches} does not divide the {rows} "
             f"rows each data-parallel rank takes of opt.batch_size")
+    size = rows // cfg.parallel.microbatches
+    if parallel.pp_size() > 1 and cfg.method != "replace" and n_replay // parallel.dp_size() % size:
+        raise config.ConfigError(
+            f"replay.batch_size: under pipeline parallelism each data-parallel rank's "
+            f"{n_replay // parallel.dp_size()} replay rows must split into the {size}-row "
+            f"microbatches of the downstream rows")
 
     eval_sets = {prefix: eval_set(manifest, cfg.opt.batch_size, cfg.eval.max_sequences)
                  for prefix, manifest in (("valid", down), ("prev", prev))}
@@ -256,7 +261,7 @@ def run(cfg: FinetuneConfig) -> dict:
     training = Run(
         run_dir=run_dir, model=student, optimizer=optimizer,
         data=FinetuneBatches(down_loader, replay),
-        plan=make_plan(cfg, teacher, rows // cfg.parallel.microbatches),
+        plan=make_plan(cfg, teacher, size),
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
         checkpoint_state=checkpoint_state, preempt=cfg.preempt,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -71,14 +72,13 @@ def _sizes(hiddens: list[int]) -> dict[str, list[str]]:
     return {f"hidden={h}": [f"pretrain.model.hidden={h}"] for h in hiddens}
 
 
+METHODS = [(spec.replace(":", "-"), spec, []) for spec in
+           ("none", "lora", "ntp_pre:self", "kl_pre:self", "kl_pre:real")]
+
 STUDIES: dict[str, dict[str, Study]] = {
     "method-comparison": {
-        "cpu": Study({"base": []}, [(spec.replace(":", "-"), spec, []) for spec in
-                                    ("none", "lora", "ntp_pre:self", "kl_pre:self",
-                                     "kl_pre:real")], []),
-        "gpu": Study({"base": []}, [(spec.replace(":", "-"), spec, []) for spec in
-                                    ("none", "lora", "ntp_pre:self", "kl_pre:self",
-                                     "kl_pre:real")], GPU),
+        "cpu": Study({"base": []}, METHODS, []),
+        "gpu": Study({"base": []}, METHODS, GPU),
     },
     "learning-rate": {
         "cpu": Study({f"plr={lr}": [f"pretrain.opt.lr={lr}"] for lr in (5e-4, 2e-3)},
@@ -161,10 +161,11 @@ def _cell(value: object) -> str:
 
 
 def write_tables(rows: list[dict], out: Path) -> str:
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "table.csv", table.getvalue())
     markdown = "\n".join(["| " + " | ".join(COLUMNS) + " |",
                           "|" + " --- |" * len(COLUMNS)] +
                          ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows])

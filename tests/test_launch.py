@@ -58,7 +58,7 @@ def test_dry_run_of_a_4_node_8_gpu_job(tmp_path):
 @pytest.fixture(scope="module")
 def cluster():
     state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    assert state.returncode == 0 and "idle" in state.stdout + "mixed", (
+    assert state.returncode == 0 and any(s in state.stdout for s in ("idle", "mixed")), (
         "no SLURM cluster: start one with `bash .ci/slurm-cluster` (CI does)")
 
 

@@ -1,7 +1,7 @@
 import torch
 
 from forgetless.config import ModelConfig
-from forgetless.model import build_model, count_params, token_losses
+from forgetless.model import build_model, count_params, next_token
 
 TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=32, vocab=512)
 
@@ -12,7 +12,7 @@ def test_forward_shapes(megatron_world):
     positions = torch.arange(31).expand(3, 31)
     logits = model(tokens[:, :-1], positions, attention_mask=None)
     assert logits.shape == (3, 31, 512)
-    losses = token_losses(model, tokens)
+    losses = next_token(model, tokens)
     assert losses.shape == (3, 31)
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1),
                                             reduction="none").view(3, 31)
@@ -43,7 +43,7 @@ def test_causal(megatron_world):
 
 def test_gelu_variant_builds(megatron_world):
     model = build_model(ModelConfig(**TINY, mlp="gelu", qk_norm=False))
-    assert token_losses(model, torch.randint(0, 512, (2, 8))).shape == (2, 7)
+    assert next_token(model, torch.randint(0, 512, (2, 8))).shape == (2, 7)
 
 
 def test_loss_falls_on_tiny_overfit(megatron_world):
@@ -53,7 +53,7 @@ def test_loss_falls_on_tiny_overfit(megatron_world):
     batch = torch.randint(0, 512, (4, 32))
     first = None
     for _ in range(80):
-        loss = token_losses(model, batch).mean()
+        loss = next_token(model, batch).mean()
         first = first if first is not None else loss.item()
         loss.backward()
         opt.step()
