@@ -418,18 +418,22 @@ def _recipe_path(recipe: str) -> Path:
     return path
 
 
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (empty: {}); errors name `what` and the file."""
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: invalid YAML: {e}") from e
+    if not isinstance(content, dict):
+        raise ConfigError(f"{what} {path}: must be a mapping of keys to values")
+    return content
+
+
 def load(schema: type[T], recipe: str | None = None, overrides: list[str] = ()) -> T:
     """Schema defaults <- YAML recipe <- key=value overrides, validated."""
     layers: list[Any] = [OmegaConf.structured(schema)]
     if recipe:
-        path = _recipe_path(recipe)
-        try:
-            content = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path}: invalid YAML: {e}") from e
-        if not isinstance(content, dict):
-            raise ConfigError(f"recipe {path}: must be a mapping of keys to values")
-        layers.append(OmegaConf.create(content))
+        layers.append(OmegaConf.create(read_mapping(_recipe_path(recipe), "recipe")))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item!r}: overrides are key=value")

@@ -18,10 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from forgetless import checkpoint
-from forgetless.config import ConfigError
+from forgetless.config import ConfigError, read_mapping
 
 
 @dataclass
@@ -61,12 +59,7 @@ def load(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"sweep: file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep {path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep {path}: must be a mapping of program, out, base, grid")
+    data = read_mapping(path, "sweep")
     for key in ("grid", "base"):
         if not isinstance(data.get(key) or {}, dict):
             raise ConfigError(f"sweep {path}: {key} must be a mapping of key: value")
