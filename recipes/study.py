@@ -72,13 +72,13 @@ def _sizes(hiddens: list[int]) -> dict[str, list[str]]:
     return {f"hidden={h}": [f"pretrain.model.hidden={h}"] for h in hiddens}
 
 
-METHODS = [(spec.replace(":", "-"), spec, []) for spec in
+COMPARED = [(spec.replace(":", "-"), spec, []) for spec in
            ("none", "lora", "ntp_pre:self", "kl_pre:self", "kl_pre:real")]
 
 STUDIES: dict[str, dict[str, Study]] = {
     "method-comparison": {
-        "cpu": Study({"base": []}, METHODS, []),
-        "gpu": Study({"base": []}, METHODS, GPU),
+        "cpu": Study({"base": []}, COMPARED, []),
+        "gpu": Study({"base": []}, COMPARED, GPU),
     },
     "learning-rate": {
         "cpu": Study({f"plr={lr}": [f"pretrain.opt.lr={lr}"] for lr in (5e-4, 2e-3)},
