@@ -80,10 +80,10 @@ def main() -> None:
     _, down = catalog.resolve(base.data, base.cache_dir, state["model"]["seq_len"],
                               state["model"]["vocab"], opts)
     replay = load_manifest(args.replay)
+    with_replay = ["replay.batch_size=16", "replay.source=self", f"replay.data={args.replay}"]
     runs = {method: _finetune_run(config.load(FinetuneConfig, None, [
         f"checkpoint={args.checkpoint}", f"method={method}", "opt.batch_size=32",
-        "replay.batch_size=16", "replay.source=self", f"replay.data={args.replay}",
-        *args.overrides]), down,
+        *(with_replay if method == "kl_pre" else []), *args.overrides]), down,
         replay) for method in ("none", "kl_pre")}
     # alternate the two in rounds so that load on the machine affects both alike
     times: dict[str, list[float]] = {method: [] for method in runs}

@@ -6,11 +6,13 @@ joined with EOS and packed across sequence boundaries (the last partial sequence
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,14 +22,32 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from forgetless.atomic import atomic_write_text, publish_dir
+from forgetless.atomic import atomic_write_text, publish_dir, tmp_name
+from forgetless.data import sources
 from forgetless.data.sources import documents, is_valid
 from forgetless.data.tokenizer import Tokenizer
 from forgetless.errors import UserError
 
 FORMAT = "forgetless-shards/1"
+# Bump when the same inputs would give other shards (document splitting, packing, ids).
+PREPARE_VERSION = 2
 SPLITS = ("train", "valid")
 ENCODE_BATCH = 256
+# Manifest fields, checked on load: name -> (type, what it must be); the optional ones may be
+# absent (replay manifests and older data lack some).
+NUMBER = (int, float)
+KINDS = {int: "an integer", str: "a string", dict: "an object", list: "a list",
+         NUMBER: "a number"}
+REQUIRED = {"name": str, "seq_len": int, "domain_token": int, "tokenizer": dict,
+            "train": dict, "valid": dict}
+OPTIONAL = {"eos_token": int, "dtype": str, "domain_piece": str, "unigram_entropy": NUMBER,
+            "documents": int, "source": str, "provenance": dict, "kind": str, "key": str,
+            "fingerprint": dict, "seconds": NUMBER}
+TOKENIZER_FIELDS = {"path": str, "hash": str, "vocab": int}
+SPLIT_FIELDS = {"shards": list, "sequences": int, "tokens": int}
+SHARD_FIELDS = {"path": str, "sequences": int}
+# What a bad tar or .npy member raises while reading (anything else is not the shard's fault).
+SHARD_ERRORS = (tarfile.TarError, EOFError, ValueError)
 
 
 class DataError(UserError):
@@ -61,6 +81,11 @@ class Manifest:
     def name(self) -> str:
         return self.data["name"]
 
+    @property
+    def unigram_entropy(self) -> float | None:
+        """Nats per token of a context-free model on the train split; None if not recorded."""
+        return self.data.get("unigram_entropy")
+
     def check(self, seq_len: int | None = None, tokenizer_hash: str | None = None) -> None:
         if seq_len is not None and self.seq_len != seq_len:
             raise DataError(
@@ -74,6 +99,35 @@ class Manifest:
             )
 
 
+def _check_fields(path: Path, record: object, fields: dict, where: str,
+                  required: bool = True) -> None:
+    """Each field present (if required) and of its type; a DataError names the field."""
+    if not isinstance(record, dict):
+        raise DataError(f"manifest {path}: {where.rstrip('.') or 'the file'} must be an object")
+    for key, kind in fields.items():
+        if key not in record:
+            if required:
+                raise DataError(f"manifest {path}: field {where}{key} is missing")
+            continue
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise DataError(f"manifest {path}: field {where}{key} must be {KINDS[kind]}, "
+                            f"not {json.dumps(value)[:40]}")
+
+
+def validate(path: Path, data: object) -> None:
+    """A manifest's fields, once on load, so a missing one is named rather than a KeyError."""
+    _check_fields(path, data, REQUIRED, "")
+    _check_fields(path, data, OPTIONAL, "", required=False)
+    _check_fields(path, data["tokenizer"], TOKENIZER_FIELDS, "tokenizer.")
+    for split in SPLITS:
+        _check_fields(path, data[split], SPLIT_FIELDS, f"{split}.")
+        for i, shard in enumerate(data[split]["shards"]):
+            _check_fields(path, shard, SHARD_FIELDS, f"{split}.shards[{i}].")
+    if data["seq_len"] < 2:
+        raise DataError(f"manifest {path}: field seq_len must be at least 2, not {data['seq_len']}")
+
+
 def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if path.is_dir():
@@ -84,8 +138,10 @@ def load_manifest(path: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {path}: invalid JSON ({e.msg})") from e
-    if data.get("format") != FORMAT:
-        raise DataError(f"manifest {path}: format is {data.get('format')!r}, expected {FORMAT}")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise DataError(f"manifest {path}: format is {found!r}, expected {FORMAT}")
+    validate(path, data)
     manifest = Manifest(path, data)
     for split in SPLITS:
         for shard, _ in manifest.shards(split):
@@ -118,26 +174,31 @@ class _SplitWriter:
     def __init__(self, out: Path, split: str, seq_len: int, domain: int, shard_sequences: int):
         self.out, self.split, self.seq_len, self.domain = out, split, seq_len, domain
         self.shard_sequences = shard_sequences
-        self.buffer: list[int] = []
+        self.rest = np.zeros(0, dtype=np.int64)  # tokens not yet in a sequence (< seq_len - 1)
         self.pending: list[np.ndarray] = []
         self.shards: list[dict] = []
         self.total = 0
-        self.counts = np.zeros(2**16, dtype=np.int64)  # unigram counts (train split)
+        self.counts = np.zeros(2**16, dtype=np.int64)  # unigram counts of the written tokens
 
     def add(self, ids: list[int], eos: int) -> None:
-        self.buffer.extend(ids)
-        self.buffer.append(eos)
+        """Append a document and its EOS, cutting off every full sequence: linear in the
+        tokens, however long the document."""
+        stream = np.concatenate([self.rest, np.asarray(ids, dtype=np.int64), [eos]])
         body = self.seq_len - 1
-        while len(self.buffer) >= body:
-            seq = np.array([self.domain, *self.buffer[:body]], dtype=np.uint16)
-            del self.buffer[:body]
-            np.add.at(self.counts, seq[1:], 1)
+        n = len(stream) // body
+        block = np.empty((n, self.seq_len), dtype=np.uint16)
+        block[:, 0] = self.domain
+        block[:, 1:] = stream[: n * body].reshape(n, body)
+        self.rest = stream[n * body:]
+        for seq in block:
             self.pending.append(seq)
             if len(self.pending) == self.shard_sequences:
                 self.flush()
 
     def flush(self) -> None:
         if self.pending:
+            tokens = np.stack(self.pending)[:, 1:].ravel()
+            self.counts += np.bincount(tokens, minlength=len(self.counts))
             name = f"{self.split}-{len(self.shards):06d}.tar"
             count = write_shard(self.out / name, self.pending, first_key=self.total)
             self.shards.append({"path": name, "sequences": count})
@@ -162,6 +223,7 @@ def write_manifest(out: Path, name: str, seq_len: int, domain: int, tokenizer: T
         "seq_len": seq_len,
         "dtype": "uint16",
         "domain_token": domain,
+        "domain_piece": tokenizer.sp.id_to_piece(domain),
         "eos_token": tokenizer.eos_id,
         "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash,
                       "vocab": tokenizer.vocab_size},
@@ -190,6 +252,20 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
+def fingerprint_of(source: str, tokenizer: Tokenizer, seq_len: int, name: str,
+                   valid_fraction: float, shard_sequences: int, text_field: str) -> dict:
+    """Everything prepared shards depend on: the source's files and their contents (see
+    sources.fingerprint) and every preparation setting."""
+    return {"version": PREPARE_VERSION, "format": FORMAT, "source": sources.fingerprint(source),
+            "name": name, "seq_len": seq_len, "tokenizer": tokenizer.hash,
+            "valid_fraction": valid_fraction, "text_field": text_field,
+            "shard_sequences": shard_sequences}
+
+
+def cache_key(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
 def prepare(
     source: str,
     out_dir: str | Path,
@@ -199,13 +275,17 @@ def prepare(
     valid_fraction: float = 0.05,
     shard_sequences: int = 8192,
     text_field: str = "text",
+    fingerprint: dict | None = None,
 ) -> Manifest:
-    """Tokenize a source into train/valid shards under out_dir, atomically."""
+    """Tokenize a source into train/valid shards under out_dir, atomically. The manifest
+    records the fingerprint (computed unless given) and its key."""
     out = Path(out_dir)
     if tokenizer.vocab_size > 2**16:
         raise DataError(f"tokenizer {tokenizer.path}: vocab {tokenizer.vocab_size} > 65536")
     domain = tokenizer.domain_id(name)
-    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fingerprint = fingerprint or fingerprint_of(source, tokenizer, seq_len, name,
+                                                valid_fraction, shard_sequences, text_field)
+    stage = tmp_name(out)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -231,7 +311,7 @@ def prepare(
                     f"{n_docs} documents; add text, or lower seq_len or raise valid_fraction"
                 )
         write_manifest(stage, name, seq_len, domain, tokenizer, splits, source=source,
-                       documents=n_docs,
+                       key=cache_key(fingerprint), fingerprint=fingerprint, documents=n_docs,
                        unigram_entropy=unigram_entropy(writers["train"].counts),
                        seconds=round(time.time() - start, 1))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,13 +322,19 @@ def prepare(
 
 
 def read_shard(path: Path, expected: int | None = None) -> Iterator[np.ndarray]:
-    """Sequences of one shard in order; a corrupt or truncated tar is a DataError naming it."""
+    """Sequences of one shard in order; a corrupt or truncated tar is a DataError naming it
+    (other errors, such as a failing disk or memory, propagate as they are)."""
     n = 0
     try:
         for sample in wds.tarfile_samples([{"url": str(path)}]):
+            if "tokens.npy" not in sample:
+                raise DataError(f"shard {path}: corrupt (sample {sample.get('__key__')!r} has "
+                                "no tokens.npy member)")
             yield np.load(io.BytesIO(sample["tokens.npy"])).astype(np.int64)
             n += 1
-    except Exception as e:  # tarfile.ReadError, OSError, numpy's ValueError, KeyError
+    except DataError:  # a ValueError itself: the missing member above
+        raise
+    except SHARD_ERRORS as e:
         raise DataError(f"shard {path}: corrupt or truncated ({type(e).__name__}: {e})") from e
     if expected is not None and n != expected:
         raise DataError(f"shard {path}: holds {n} sequences, the manifest says {expected}")

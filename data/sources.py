@@ -1,7 +1,9 @@
 """Text sources: the built-in stdlib corpora and local files, globs and JSONL.
 
 A source yields documents (id, text); the train/valid split is decided per document from a
-hash of its id, so it is stable across runs and machines with the same source.
+hash of its id, so it is stable across runs and machines with the same source. Local ids use
+the file's resolved absolute path, so every spelling of a path splits alike. A plain text file
+is cut into documents (see `text_documents`), so a large one lands in both splits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import inspect
 import json
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,8 @@ from pathlib import Path
 from forgetless.errors import UserError
 
 BUILTIN = ("stdlib-prose", "stdlib-code")
+DOC_CHARS = 4096  # a text file's documents: paragraphs grouped up to this many characters
+READ_BYTES = 1 << 20
 
 
 class SourceError(UserError):
@@ -115,16 +120,16 @@ def stdlib_code() -> Iterator[tuple[str, str]]:
             yield _module_name(path), code
 
 
-def _local_files(spec: str) -> list[Path]:
-    paths = sorted(Path(p) for p in glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [
-        Path(spec)
-    ]
-    if glob.has_magic(spec) and not paths:
+def local_files(spec: str) -> list[Path]:
+    """The files a local source names, as resolved absolute paths in sorted order."""
+    magic = glob.has_magic(spec)
+    paths = [Path(p) for p in glob.glob(spec, recursive=True)] if magic else [Path(spec)]
+    if magic and not paths:
         raise SourceError(f"source {spec}: the pattern matches no file")
     for p in paths:
         if not p.exists():
             raise SourceError(f"source {p}: no such file")
-    return [p for p in paths if p.is_file()]
+    return sorted({p.resolve() for p in paths if p.is_file()})
 
 
 def _jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
@@ -141,6 +146,54 @@ def _jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
             yield f"{path}:{n}", record[field]
 
 
+def _paragraphs(text: str) -> Iterator[str]:
+    """Blank-line separated paragraphs, each with the blank lines after it (lossless)."""
+    para, blank = "", False
+    for line in text.splitlines(keepends=True):
+        is_blank = not line.strip()
+        if para.strip() and blank and not is_blank:
+            yield para
+            para = ""
+        para += line
+        blank = is_blank
+    if para:
+        yield para
+
+
+def _line_pieces(paragraph: str, limit: int) -> Iterator[str]:
+    """A paragraph as pieces of at most `limit` characters: whole if it fits, else its lines
+    (a longer line cut every `limit` characters)."""
+    if len(paragraph) <= limit:
+        yield paragraph
+        return
+    for line in paragraph.splitlines(keepends=True):
+        yield from (line[i:i + limit] for i in range(0, len(line), limit))
+
+
+def text_documents(text: str, limit: int = DOC_CHARS) -> list[str]:
+    """A plain text file's documents: its paragraphs grouped in order into documents of at
+    most `limit` characters; a longer paragraph is cut at line ends. Joined, they are the text."""
+    docs, doc = [], ""
+    for paragraph in _paragraphs(text):
+        for piece in _line_pieces(paragraph, limit):
+            if doc and len(doc) + len(piece) > limit:
+                docs.append(doc)
+                doc = ""
+            doc += piece
+    if doc:
+        docs.append(doc)
+    return docs
+
+
+def _text(path: Path) -> Iterator[tuple[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"source {path}: not UTF-8 text") from e
+    for i, doc in enumerate(text_documents(text)):
+        yield f"{path}#{i}", doc
+
+
 def documents(spec: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
     """Documents of a source: a built-in corpus name, a file, a glob, or JSONL file(s)."""
     if spec == "stdlib-prose":
@@ -149,14 +202,25 @@ def documents(spec: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
     if spec == "stdlib-code":
         yield from stdlib_code()
         return
-    for path in _local_files(spec):
-        if path.suffix == ".jsonl":
-            yield from _jsonl(path, text_field)
-        else:
-            try:
-                yield str(path), path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise SourceError(f"source {path}: not UTF-8 text") from e
+    for path in local_files(spec):
+        yield from _jsonl(path, text_field) if path.suffix == ".jsonl" else _text(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(spec: str) -> dict:
+    """What a source's documents depend on: for a built-in corpus the standard library's path
+    and the Python version; for local data every matched file's resolved path and sha256."""
+    if spec in BUILTIN:
+        return {"builtin": spec, "stdlib": sysconfig.get_paths()["stdlib"],
+                "python": sys.version}
+    return {"files": {str(p): _sha256(p) for p in local_files(spec)}}
 
 
 def source_name(spec: str) -> str:

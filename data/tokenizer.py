@@ -1,7 +1,9 @@
 """sentencepiece BPE tokenizer with one reserved domain-marker token per dataset, and EOS.
 
-Saved as `tokenizer.model` plus `tokenizer.json` (content hash, vocab, domain ids, sources);
-the hash is what manifests and checkpoints record to catch mismatches.
+Every tokenizer trained here also has the generic first token `<|text|>`, which starts the
+sequences of a dataset it has no own token for (a user's data on the built-in tokenizer).
+Saved as `tokenizer.model` plus `tokenizer.json` (content hash, vocab, domain ids, generic id,
+sources); the hash is what manifests and checkpoints record to catch mismatches.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from forgetless.errors import UserError
 UNK_ID, EOS_ID = 0, 1
 CHUNK_CHARS = 2000  # training sentences: documents cut at line ends to about this size
 MAX_TRAIN_SENTENCES = 300_000
+GENERIC_PIECE = "<|text|>"
 
 
 class TokenizerError(UserError):
@@ -39,6 +42,7 @@ class Tokenizer:
     path: Path
     hash: str
     domains: dict[str, int]
+    generic: int | None = None  # the generic first token's id; None in older tokenizers
 
     @property
     def vocab_size(self) -> int:
@@ -49,13 +53,16 @@ class Tokenizer:
         return EOS_ID
 
     def domain_id(self, name: str) -> int:
-        if name not in self.domains:
+        """The dataset's own marker token, else the generic one."""
+        if name in self.domains:
+            return self.domains[name]
+        if self.generic is None:
             known = ", ".join(self.domains)
             raise TokenizerError(
                 f"tokenizer {self.path}: no domain token for dataset {name!r} (it has: {known}); "
                 "train a tokenizer that includes this dataset, or name the data after one of those"
             )
-        return self.domains[name]
+        return self.generic
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -82,6 +89,7 @@ def train(
 ) -> Tokenizer:
     """Train BPE on the sources; domains default to one per source."""
     domains = domains or [source_name(s) for s in sources]
+    markers = list(dict.fromkeys([*map(domain_piece, domains), GENERIC_PIECE]))
     texts = (text for spec in sources for _, text in documents(spec, text_field))
     model = io.BytesIO()
     try:
@@ -102,7 +110,7 @@ def train(
             eos_id=EOS_ID,
             bos_id=-1,
             pad_id=-1,
-            user_defined_symbols=[domain_piece(d) for d in domains],
+            user_defined_symbols=markers,
             max_sentence_length=4 * CHUNK_CHARS * 4,
             input_sentence_size=MAX_TRAIN_SENTENCES,
             shuffle_input_sentence=True,
@@ -114,6 +122,12 @@ def train(
     return save(model.getvalue(), out_dir, domains, sources)
 
 
+def _piece_id(sp: spm.SentencePieceProcessor, piece: str) -> int | None:
+    """The id of a piece the model has, else None (sentencepiece would answer unk)."""
+    i = sp.piece_to_id(piece)
+    return i if sp.id_to_piece(i) == piece else None
+
+
 def save(model: bytes, out_dir: str | Path, domains: list[str], sources: list[str]) -> Tokenizer:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +137,7 @@ def save(model: bytes, out_dir: str | Path, domains: list[str], sources: list[st
         "vocab": sp.vocab_size(),
         "eos_id": EOS_ID,
         "domains": {d: sp.piece_to_id(domain_piece(d)) for d in domains},
+        "generic": _piece_id(sp, GENERIC_PIECE),
         "sources": sources,
     }
     atomic_write_bytes(out / "tokenizer.model", model)
@@ -154,4 +169,5 @@ def load(path: str | Path) -> Tokenizer:
         sp = spm.SentencePieceProcessor(model_proto=model)
     except RuntimeError as e:
         raise TokenizerError(f"tokenizer {path}: cannot be read ({e})") from e
-    return Tokenizer(sp=sp, path=path, hash=digest, domains=dict(meta["domains"]))
+    return Tokenizer(sp=sp, path=path, hash=digest, domains=dict(meta["domains"]),
+                     generic=meta.get("generic"))

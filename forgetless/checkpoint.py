@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException
 
 from forgetless import lora, parallel
 from forgetless.atomic import publish_dir
@@ -37,16 +39,47 @@ class CheckpointError(UserError):
     pass
 
 
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint directory's name gives (step_00000100 -> 100), None if not one."""
+    digits = path.name[len(PREFIX):]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first by step (names sort wrongly past 10^8)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None),
+                  key=step_of)
 
 
 def latest(run_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def clean(run_dir: str | Path) -> list[Path]:
+    """Remove what killed saves leave in checkpoints/ (hidden .step_N.tmp directories and other
+    hidden temporaries). Every rank calls it at start, under the run-directory lock; the main
+    rank removes, and returns what it removed."""
+    root = Path(run_dir) / "checkpoints"
+    stale = []
+    if parallel.is_main() and root.is_dir():
+        stale = sorted(p for p in root.iterdir() if p.name.startswith("."))
+        for path in stale:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    _barrier()
+    return stale
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (by step)."""
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve(path: str | Path) -> Path:
@@ -89,9 +122,23 @@ def resume_path(run_dir: str | Path, resume: str) -> Path | None:
                                   f"resume=auto or another run_dir")
         return None
     try:
-        return resolve(resume)
+        path = resolve(resume)
     except CheckpointError as e:
         raise CheckpointError(f"resume={resume} (auto, never, or a checkpoint): {e}") from e
+    _refuse_older(run_dir, path)
+    return path
+
+
+def _refuse_older(run_dir: str | Path, path: Path) -> None:
+    """Training on from a checkpoint older than run_dir's newest would start a second branch
+    whose saves and retention replace the newer ones: refused rather than deleted silently."""
+    step = read_state(path)["step"]
+    newer = [d.name for d in checkpoint_dirs(run_dir) if step_of(d) > step]
+    if newer:
+        raise CheckpointError(
+            f"resume={path} is at step {step} but {run_dir} holds newer checkpoints "
+            f"({', '.join(newer)}); move them out of {Path(run_dir) / 'checkpoints'} to "
+            f"continue from the older one, or resume into another run_dir")
 
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
@@ -117,9 +164,8 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, stat
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "distributed_optimizer": distributed_optimizer, **state}, indent=2))
-        publish_dir(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)  # fsyncs every file and directory, then the rename
+        prune(run_dir, keep)
     _barrier()
     return final
 
@@ -165,9 +211,40 @@ def load(path: Path, model: torch.nn.Module, optimizer=None,
                         metadata=_optim_metadata(distributed_optimizer)),
                     str(path / "optim")))
             torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    except (CheckpointingException, RuntimeError, EOFError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({e})") from e
+    except (Exception, DistCheckpointException) as e:  # torch's is a BaseException
+        if not unloadable(e):
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({_reason(e)})") from e
     return state
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the error, or for torch's wrapper the errors it wraps (not their tracebacks)."""
+    if isinstance(error, DistCheckpointException):
+        return "; ".join(_reason(e) for e, _ in error.failures.values())
+    text = str(error).strip().splitlines()
+    if isinstance(error, EOFError) and not text:
+        return "a file ends early: truncated"
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# What torch says of a state dict that does not fit the model, or of a damaged file
+MISMATCH = ("Error(s) in loading state_dict", "size mismatch", "Missing key(s)",
+            "Unexpected key(s)", "PytorchStreamReader failed", "metadata read failed")
+
+
+def unloadable(error: BaseException) -> bool:
+    """Whether an error while loading says the checkpoint is bad, missing or of another model
+    (the user's to fix), rather than the machine failing (out of memory, NCCL) or a bug."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    if isinstance(error, CheckpointingException | EOFError | KeyError | FileNotFoundError |
+                  pickle.UnpicklingError):
+        return True
+    if isinstance(error, DistCheckpointException):  # per-rank failures, wrapped
+        return all(unloadable(e) for e, _ in error.failures.values())
+    return (isinstance(error, RuntimeError | AssertionError)
+            and any(m in str(error) for m in MISMATCH))
 
 
 def _restore(path: Path) -> tuple[torch.nn.Module, dict]:

@@ -1,14 +1,17 @@
 """One typed config schema: dataclass defaults, overridden by a YAML recipe, then key=value.
 
-Unknown keys and invalid values raise ConfigError naming the key.
+Unknown keys and invalid values raise ConfigError naming the key; so does a setting that
+would do nothing in the run it is given to. Every key has one line of help (`HELP` beside
+each schema class), shown by `forgetless <program> --help`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -16,7 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from forgetless.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# the YAML presets ship as package data of forgetless.recipes (found in a wheel install too)
+RECIPES_DIR = Path(str(importlib.resources.files("forgetless.recipes")))
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError):
@@ -34,17 +40,33 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
+    """The GPT's sizes and architecture."""
+
     hidden: int = 128
     layers: int = 4
     head_dim: int = 32
-    heads: int = 0  # 0: hidden // head_dim
-    ffn_hidden: int = 0  # 0: 4 * hidden (gelu) or 8/3 * hidden rounded up to 64 (swiglu)
+    heads: int = 0
+    ffn_hidden: int = 0
     seq_len: int = 128
     vocab: int = 4096
     mlp: str = "swiglu"
     qk_norm: bool = True
     rope_base: float = 10000.0
     init_std: float = 0.02
+
+    HELP: ClassVar[dict[str, str]] = {
+        "hidden": "width of the residual stream",
+        "layers": "transformer layers",
+        "head_dim": "size of each attention head",
+        "heads": "attention heads; 0: hidden / head_dim",
+        "ffn_hidden": "MLP width; 0: 8/3 x hidden rounded up to 64 (swiglu) or 4 x hidden (gelu)",
+        "seq_len": "tokens per training sequence",
+        "vocab": "vocabulary size (of the tokenizer trained for the data)",
+        "mlp": "MLP: swiglu or gelu",
+        "qk_norm": "RMSNorm on queries and keys",
+        "rope_base": "RoPE frequency base",
+        "init_std": "standard deviation of the initial weights",
+    }
 
     def __post_init__(self) -> None:
         for key in ("hidden", "layers", "head_dim", "seq_len", "vocab"):
@@ -75,6 +97,8 @@ class ModelConfig:
 
 @dataclass
 class OptConfig:
+    """AdamW with linear warmup, then a constant or cosine learning rate."""
+
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
@@ -85,7 +109,21 @@ class OptConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 32
-    precision: str = "fp32"  # bf16: bf16 weights and math, fp32 master weights in the optimizer
+    precision: str = "fp32"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "lr": "peak learning rate",
+        "min_lr_ratio": "cosine: the final learning rate as a fraction of lr",
+        "schedule": "after warmup: constant or cosine",
+        "warmup_steps": "steps of linear warmup",
+        "beta1": "AdamW beta1",
+        "beta2": "AdamW beta2",
+        "eps": "AdamW epsilon",
+        "weight_decay": "AdamW weight decay",
+        "grad_clip": "clip the gradient norm to this; 0: no clipping",
+        "batch_size": "sequences per step, over all ranks",
+        "precision": "fp32, or bf16 (bf16 weights and math, fp32 master weights)",
+    }
 
     def __post_init__(self) -> None:
         _one_of(self.precision, "opt.precision", ("fp32", "bf16"))
@@ -100,36 +138,57 @@ class OptConfig:
         _check(self.batch_size > 0, "opt.batch_size", "must be positive")
 
 
+STOP_KEYS = ("tokens", "tokens_per_param", "epochs", "valid_loss", "steps", "patience")
+
+
 @dataclass
 class StopConfig:
-    """Training stops at the first condition reached; at least one must be set."""
+    """Training stops at the first condition reached; with none set, at the program's
+    default token budget (which thus never cuts short a condition the user set)."""
 
     tokens: int | None = None
     tokens_per_param: float | None = None
     epochs: float | None = None
     valid_loss: float | None = None
     steps: int | None = None
-    patience: int | None = None  # early stopping: evaluations without a better valid_ntp
+    patience: int | None = None
+
+    HELP: ClassVar[dict[str, str]] = {
+        "tokens": "training tokens (finetune: downstream tokens)",
+        "tokens_per_param": "training tokens per non-embedding parameter (pretrain only)",
+        "epochs": "passes over the training data",
+        "valid_loss": "stop once valid_ntp is at most this (checked at each evaluation)",
+        "steps": "optimizer steps",
+        "patience": "early stopping: evaluations without a better valid_ntp",
+    }
 
     def __post_init__(self) -> None:
-        for key in ("tokens", "tokens_per_param", "epochs", "valid_loss", "steps", "patience"):
+        for key in STOP_KEYS:
             value = getattr(self, key)
             _check(value is None or value > 0, f"stop.{key}", "must be positive")
-        _check(
-            any(getattr(self, k) is not None for k in ("tokens", "tokens_per_param", "epochs",
-                                                         "valid_loss", "steps", "patience")),
-            "stop",
-            "set at least one of stop.tokens, stop.tokens_per_param, stop.epochs, "
-            "stop.valid_loss, stop.steps, stop.patience",
-        )
+
+    def or_budget(self, tokens: int) -> StopConfig:
+        """This, or when it sets no condition, a budget of `tokens` training tokens."""
+        if any(getattr(self, key) is not None for key in STOP_KEYS):
+            return self
+        return StopConfig(tokens=tokens)
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 100  # steps between evaluations
-    max_sequences: int = 512  # validation sequences per evaluation (0: all)
+    """Validation and logging."""
+
+    interval: int = 100
+    max_sequences: int = 512
     log_interval: int = 10
-    peak_tflops: float = 0.0  # per rank, for model FLOPs utilisation; 0: not reported
+    peak_tflops: float = 0.0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "interval": "steps between evaluations",
+        "max_sequences": "validation sequences per evaluation; 0: all",
+        "log_interval": "steps between training-loss log records",
+        "peak_tflops": "peak TFLOP/s of one rank, to report model FLOPs utilisation; 0: off",
+    }
 
     def __post_init__(self) -> None:
         _check(self.peak_tflops >= 0, "eval.peak_tflops", "must be >= 0")
@@ -140,8 +199,15 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between checkpoints; 0: only at the end
+    """When checkpoints are written and how many are kept."""
+
+    interval: int = 0
     keep: int = 2
+
+    HELP: ClassVar[dict[str, str]] = {
+        "interval": "steps between checkpoints; 0: only at the end",
+        "keep": "the newest checkpoints to keep",
+    }
 
     def __post_init__(self) -> None:
         _check(self.interval >= 0, "ckpt.interval", "must be >= 0")
@@ -152,12 +218,21 @@ class CheckpointConfig:
 class DataConfig:
     """How a corpus becomes token shards (used when `data=` names a source to prepare)."""
 
-    tokenizer: str = "builtin"  # 'builtin' (trained on both stdlib corpora) or a .model path
-    text_field: str = "text"  # JSONL field holding the text
+    tokenizer: str = "builtin"
+    text_field: str = "text"
     valid_fraction: float = 0.05
     shard_sequences: int = 8192
-    workers: int = 0  # loader worker processes per rank
+    workers: int = 0
     shuffle_buffer: int = 1000
+
+    HELP: ClassVar[dict[str, str]] = {
+        "tokenizer": "'builtin' (trained on both stdlib corpora) or a tokenizer directory",
+        "text_field": "the JSONL field holding the text",
+        "valid_fraction": "fraction of documents held out for validation",
+        "shard_sequences": "sequences per shard file",
+        "workers": "loader worker processes per rank",
+        "shuffle_buffer": "sequences in the loader's shuffle buffer",
+    }
 
     def __post_init__(self) -> None:
         _check(0 < self.valid_fraction < 1, "data_opts.valid_fraction", "must be in (0, 1)")
@@ -172,8 +247,15 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    microbatches: int = 1  # per step and DP rank; pipelining wants several (e.g. 2 * pp)
-    distributed_optimizer: bool = False  # shard optimizer state over DP ranks
+    microbatches: int = 1
+    distributed_optimizer: bool = False
+
+    HELP: ClassVar[dict[str, str]] = {
+        "tp": "tensor-parallel ranks",
+        "pp": "pipeline stages",
+        "microbatches": "microbatches per step and DP rank (pipelining wants several, e.g. 2 x pp)",
+        "distributed_optimizer": "shard the optimizer state over data-parallel ranks",
+    }
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "microbatches"):
@@ -188,7 +270,12 @@ class PreemptConfig:
     """On one of these signals every rank stops at the same step, checkpoints, and exits."""
 
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
-    exit_code: int = 75  # EX_TEMPFAIL: "try again", what a launcher requeues on
+    exit_code: int = 75
+
+    HELP: ClassVar[dict[str, str]] = {
+        "signals": f"signals that checkpoint and stop the run (of {', '.join(SIGNALS)})",
+        "exit_code": "exit status after a preemption (75, EX_TEMPFAIL: what launchers requeue)",
+    }
 
     def __post_init__(self) -> None:
         for name in self.signals:
@@ -200,38 +287,68 @@ def default_cache_dir() -> str:
     return os.environ.get("FORGETLESS_CACHE", str(Path.home() / ".cache" / "forgetless"))
 
 
+# help of the keys several programs share
+RUN_HELP = {
+    "run_dir": "the run's directory: config, metrics, checkpoints",
+    "cache_dir": "prepared tokenizers and shards ($FORGETLESS_CACHE)",
+    "seed": "seed of initialisation, data order and sampling",
+    "threads": "torch intra-op threads; 0: torch's default",
+    "resume": "auto: the newest complete checkpoint in run_dir; never; or a checkpoint path",
+}
+
+
 @dataclass
 class PretrainConfig:
+    """Pretraining from scratch."""
+
     run_dir: str = "runs/pretrain"
-    data: str = "stdlib-prose"  # built-in corpus, local source, or a prepared manifest.json
+    data: str = "stdlib-prose"
     cache_dir: str = field(default_factory=default_cache_dir)
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0: torch's default
+    threads: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     opt: OptConfig = field(default_factory=OptConfig)
-    stop: StopConfig = field(default_factory=lambda: StopConfig(tokens=1_000_000))
+    stop: StopConfig = field(default_factory=StopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir; never; or a path
+    resume: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
+
+    BUDGET: ClassVar[int] = 1_000_000  # training tokens when no stop condition is set
+    HELP: ClassVar[dict[str, str]] = {
+        **RUN_HELP,
+        "data": "built-in corpus (stdlib-prose, stdlib-code), local source, or manifest.json",
+    }
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir", "is required")
         _check(bool(self.data), "data", "is required (a built-in corpus, source or manifest)")
         _check(self.threads >= 0, "threads", "must be >= 0")
+        self.stop = self.stop.or_budget(self.BUDGET)
 
 
 @dataclass
 class PrepareConfig:
+    """Tokenizing a source into shards."""
+
     source: str = "stdlib-prose"
-    out: str = ""  # directory for shards and manifest; '' uses the cache
-    name: str = ""  # dataset (and domain token) name; '' derives it from the source
+    out: str = ""
+    name: str = ""
     seq_len: int = 128
     vocab: int = 4096
     cache_dir: str = field(default_factory=default_cache_dir)
     data_opts: DataConfig = field(default_factory=DataConfig)
+
+    HELP: ClassVar[dict[str, str]] = {
+        "source": "built-in corpus, text file, glob of them, or JSONL",
+        "out": "directory for the shards and manifest; '': the cache",
+        "name": "dataset (and domain token) name; '': derived from the source",
+        "seq_len": "tokens per sequence",
+        "vocab": "vocabulary size of the built-in tokenizer",
+        "cache_dir": RUN_HELP["cache_dir"],
+    }
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 2, "seq_len", "must be at least 2")
@@ -240,11 +357,21 @@ class PrepareConfig:
 
 @dataclass
 class TokenizerConfig:
+    """Training a BPE tokenizer."""
+
     sources: list[str] = field(default_factory=lambda: ["stdlib-prose", "stdlib-code"])
     out: str = "runs/tokenizer"
     vocab: int = 4096
-    domains: list[str] = field(default_factory=list)  # [] : one per source, named after it
+    domains: list[str] = field(default_factory=list)
     text_field: str = "text"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "sources": "sources to train on (built-in corpora, files, globs, JSONL)",
+        "out": "directory for tokenizer.model and tokenizer.json",
+        "vocab": "vocabulary size",
+        "domains": "domain-token names, one per source; []: named after the sources",
+        "text_field": DataConfig.HELP["text_field"],
+    }
 
     def __post_init__(self) -> None:
         _check(bool(self.sources), "sources", "name at least one source")
@@ -253,11 +380,22 @@ class TokenizerConfig:
                "must be distinct")
 
 
+CHECKPOINT_HELP = "a checkpoint directory, or a run directory (its newest checkpoint)"
+
+
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = ""  # a checkpoint directory, or a run directory (its newest checkpoint)
-    data: str = ""  # '' evaluates on the checkpoint's own validation data
-    max_sequences: int = 0  # 0: the whole validation split
+    """Validation loss of a checkpoint."""
+
+    checkpoint: str = ""
+    data: str = ""
+    max_sequences: int = 0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "checkpoint": CHECKPOINT_HELP,
+        "data": "data to evaluate on; '': the checkpoint's own validation data",
+        "max_sequences": "validation sequences; 0: the whole validation split",
+    }
 
 
 @dataclass
@@ -265,9 +403,16 @@ class SamplingConfig:
     """Ancestral sampling; the defaults follow the model's distribution exactly."""
 
     temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    min_p: float = 0.0  # keep tokens with probability >= min_p x the largest; 0: off
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "temperature": "softmax temperature; 0: greedy",
+        "top_k": "sample among the k most likely tokens; 0: off",
+        "top_p": "sample within the top-p probability mass; 1: off",
+        "min_p": "keep tokens with probability >= min_p x the largest; 0: off",
+    }
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "sampling.temperature", "must be >= 0")
@@ -278,8 +423,15 @@ class SamplingConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"  # auto: triton on CUDA, torch on CPU; torch; triton
-    cuda_graph: bool = True  # generation on CUDA with triton: each decode step a graph replay
+    """Sampling and loss kernels."""
+
+    backend: str = "auto"
+    cuda_graph: bool = True
+
+    HELP: ClassVar[dict[str, str]] = {
+        "backend": "auto (triton on CUDA, torch on CPU), torch or triton",
+        "cuda_graph": "generation on CUDA with triton: each decode step one CUDA-graph replay",
+    }
 
     def __post_init__(self) -> None:
         _one_of(self.backend, "kernels.backend", ("auto", "torch", "triton"))
@@ -287,10 +439,12 @@ class KernelsConfig:
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = ""  # a checkpoint directory, or a run directory (its newest checkpoint)
-    out: str = ""  # directory for replay shards and their manifest
+    """Self-generated replay: samples from a checkpoint, as shards."""
+
+    checkpoint: str = ""
+    out: str = ""
     samples: int = 1024
-    first_id: int = 0  # sample ids first_id .. first_id + samples - 1
+    first_id: int = 0
     seed: int = 0
     batch_size: int = 64
     shard_samples: int = 512
@@ -298,6 +452,17 @@ class GenerateConfig:
     threads: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    HELP: ClassVar[dict[str, str]] = {
+        "checkpoint": CHECKPOINT_HELP,
+        "out": "directory for the replay shards and their manifest",
+        "samples": "sequences to sample",
+        "first_id": "sample ids first_id .. first_id + samples - 1",
+        "seed": "sampling seed (with the sample id, it fixes a sample's tokens)",
+        "batch_size": "sequences sampled at once",
+        "shard_samples": "sequences per shard file",
+        "threads": RUN_HELP["threads"],
+    }
 
     def __post_init__(self) -> None:
         _check(self.parallel.pp == 1, "parallel.pp", "generation runs with pp=1 (use tp and DP)")
@@ -308,29 +473,81 @@ class GenerateConfig:
 
 METHODS = ("none", "lora", "replace", "ntp_pre", "kl_pre", "kl_dwn")
 REPLAY_METHODS = ("replace", "ntp_pre", "kl_pre")
+REPLAY_SOURCES = ("none", "self", "real", "onthefly")
+# Where each replay.* key takes effect: (methods, replay sources). Anywhere else it would do
+# nothing, so a value other than its default is an error.
+REPLAY_KEYS = {
+    "source": (REPLAY_METHODS, REPLAY_SOURCES),
+    "data": (REPLAY_METHODS, ("self",)),
+    "allow_foreign": (REPLAY_METHODS, ("self",)),
+    "batch_size": (("ntp_pre", "kl_pre"), REPLAY_SOURCES),
+    "buffer_batches": (REPLAY_METHODS, ("onthefly",)),
+    "seed": (REPLAY_METHODS, ("onthefly",)),
+    "sampling": (REPLAY_METHODS, ("onthefly",)),
+}
 
 
 @dataclass
 class ReplayConfig:
-    source: str = "none"  # none | self (replay.data) | real (previous data) | onthefly
-    data: str = ""  # replay manifest for source=self
+    """Replay data for the replay methods (replace, ntp_pre, kl_pre)."""
+
+    source: str = "none"
+    data: str = ""
     batch_size: int = 16
-    buffer_batches: int = 16  # onthefly: batches sampled from the teacher at a time
-    seed: int = 1  # onthefly sampling seed
+    buffer_batches: int = 16
+    seed: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    allow_foreign: bool = False
+
+    HELP: ClassVar[dict[str, str]] = {
+        "source": "none, self (replay.data), real (the previous data) or onthefly (the teacher)",
+        "data": "source=self: the manifest written by `forgetless generate`",
+        "batch_size": "ntp_pre, kl_pre: replay sequences per step",
+        "buffer_batches": "onthefly: replay batches sampled from the teacher at a time",
+        "seed": "onthefly: sampling seed",
+        "allow_foreign": "source=self: accept replay generated from another checkpoint than "
+                         "the base (recorded in the run)",
+    }
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "replay.source", ("none", "self", "real", "onthefly"))
+        _one_of(self.source, "replay.source", REPLAY_SOURCES)
         _check(self.source != "self" or bool(self.data), "replay.data",
                "replay.source=self needs the manifest of `forgetless generate`")
         _check(self.batch_size > 0, "replay.batch_size", "must be positive")
         _check(self.buffer_batches > 0, "replay.buffer_batches", "must be positive")
 
+    def changed(self) -> list[str]:
+        """The keys (sampling's as sampling.KEY) set to something other than the default."""
+        values, defaults = flat(asdict(self)), flat(asdict(ReplayConfig()))
+        return [key for key, value in values.items() if value != defaults[key]]
+
+    def for_run(self, method: str, source: str, data: str) -> ReplayConfig:
+        """These settings for a run of `method` with replay `source` (manifest `data`): the
+        keys that run does not use back at their defaults."""
+        default = ReplayConfig()
+        kept = {f.name: getattr(self if replay_key_applies(f.name, method, source) else default,
+                                f.name) for f in fields(ReplayConfig)}
+        return ReplayConfig(**{**kept, "source": source,
+                               "data": data if source == "self" else ""})
+
+
+def replay_key_applies(key: str, method: str, source: str) -> bool:
+    """Whether replay.KEY (or replay.KEY.sub) has an effect in a run of method and source."""
+    methods, sources = REPLAY_KEYS[key.split(".")[0]]
+    return method in methods and source in sources
+
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters (method=lora)."""
+
     rank: int = 8
     alpha: float = 16.0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "rank": "adapter rank",
+        "alpha": "adapter scale numerator (the update is alpha / rank x B A)",
+    }
 
     def __post_init__(self) -> None:
         _check(self.rank > 0, "lora.rank", "must be positive")
@@ -338,12 +555,14 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
+    """Finetuning a pretrained checkpoint, with or without replay."""
+
     run_dir: str = "runs/finetune"
-    checkpoint: str = ""  # the pretrained checkpoint (or its run directory)
-    data: str = "stdlib-code"  # the downstream data
-    prev_data: str = ""  # previous-distribution data for prev_*; '' : the checkpoint's
+    checkpoint: str = ""
+    data: str = "stdlib-code"
+    prev_data: str = ""
     method: str = "none"
-    lam: float = 10.0  # the paper's lambda: replay loss weight, or for `replace` the fraction
+    lam: float = 10.0
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -351,29 +570,116 @@ class FinetuneConfig:
     threads: int = 0
     opt: OptConfig = field(default_factory=lambda: OptConfig(
         lr=1e-3, warmup_steps=10, schedule="constant", weight_decay=0.0))
-    stop: StopConfig = field(default_factory=lambda: StopConfig(tokens=500_000))
+    stop: StopConfig = field(default_factory=StopConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(interval=25,
                                                                 max_sequences=256))
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir; never; or a path
+    resume: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
+    BUDGET: ClassVar[int] = 500_000  # downstream tokens when no stop condition is set
+    HELP: ClassVar[dict[str, str]] = {
+        **RUN_HELP,
+        "checkpoint": "the pretrained checkpoint (or its run directory)",
+        "data": "the downstream data: built-in corpus, local source, or manifest.json",
+        "prev_data": "previous-distribution data for prev_* metrics; '': the checkpoint's",
+        "method": f"one of {', '.join(METHODS)}",
+        "lam": "the paper's lambda: replay loss weight; for replace, the replay fraction",
+    }
+
     def __post_init__(self) -> None:
         _one_of(self.method, "method", METHODS)
         _check(self.lam >= 0, "lam", f"must be >= 0, got {self.lam}")
+        _check(self.stop.tokens_per_param is None, "stop.tokens_per_param",
+               "finetuning counts no parameters; use stop.tokens, stop.epochs or stop.steps")
+        self.stop = self.stop.or_budget(self.BUDGET)
+        self.check_method()
+
+    def check_method(self) -> None:
+        """The settings that depend on the method and replay source."""
         if self.method == "replace":
-            _check(0 <= self.lam <= 1, "lam",
-                   f"for method=replace it is the replay fraction, in [0, 1]; got {self.lam}")
+            self._check_replace()
         if self.method in REPLAY_METHODS:
             _check(self.replay.source != "none", "replay.source",
                    f"method {self.method} needs replay: self, real or onthefly")
+        _check(self.method in REPLAY_METHODS or self.replay.source == "none", "replay.source",
+               f"method {self.method} takes no replay (replay methods: "
+               f"{', '.join(REPLAY_METHODS)}); got {self.replay.source!r}")
+        for key in self.replay.changed():
+            methods, sources = REPLAY_KEYS[key.split(".")[0]]
+            where = f"method {' / '.join(methods)}" + (
+                "" if sources == REPLAY_SOURCES else f" with replay.source {' / '.join(sources)}")
+            _check(replay_key_applies(key, self.method, self.replay.source), f"replay.{key}",
+                   f"has no effect with method={self.method}, replay.source="
+                   f"{self.replay.source} (it applies to {where})")
+
+    def _check_replace(self) -> None:
+        _check(0 <= self.lam <= 1, "lam",
+               f"for method=replace it is the replay fraction, in [0, 1]; got {self.lam}")
+        batch = self.opt.batch_size
+        _check(batch >= 2, "opt.batch_size",
+               "method=replace needs at least 2 rows: one replay, one downstream")
+        rows = round(self.lam * batch)
+        _check(1 <= rows <= batch - 1, "lam",
+               f"for method=replace it must leave at least one replay and one downstream row "
+               f"of opt.batch_size={batch}: lam in [{1 / batch:g}, {(batch - 1) / batch:g}]; "
+               f"got {self.lam} ({rows} replay rows)")
+
+
+def parse_run(spec: str) -> tuple[str, str]:
+    """(method, replay source) of a quickstart/study run `method[:replay source]`."""
+    method, _, source = spec.partition(":")
+    source = source or "none"
+    _one_of(method, "runs", METHODS)
+    _one_of(source, "runs", REPLAY_SOURCES)
+    _check(method in REPLAY_METHODS or source == "none", "runs",
+           f"{spec!r}: method {method} takes no replay (write {method!r})")
+    _check(method not in REPLAY_METHODS or source != "none", "runs",
+           f"{spec!r}: method {method} needs a replay source ({method}:self, {method}:real "
+           f"or {method}:onthefly)")
+    return method, source
+
+
+@dataclass
+class QuickstartFinetuneConfig(FinetuneConfig):
+    """The finetune settings every quickstart run starts from (each sets its method and
+    replay source; `for_run` gives a run's own)."""
+
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(interval=20, max_sequences=64))
+
+    BUDGET: ClassVar[int] = 320_000
+
+    def check_method(self) -> None:
+        """Nothing here: QuickstartConfig checks each run's settings (`for_run`)."""
+
+    def for_run(self, spec: str, replay_data: str) -> FinetuneConfig:
+        """The validated settings of run `spec` (`method[:replay source]`, self-replay from
+        the manifest `replay_data`); replay keys it does not use keep their defaults."""
+        method, source = parse_run(spec)
+        values = {f.name: getattr(self, f.name) for f in fields(FinetuneConfig)}
+        return FinetuneConfig(**{**values, "method": method,
+                                 "replay": self.replay.for_run(method, source, replay_data)})
+
+
+def _unbudgeted(cfg: T) -> T:
+    """A nested program's defaults with no stop condition. OmegaConf takes a default
+    factory's values as the defaults, so a budget filled in there would join any stop
+    condition the user sets; the budget is filled in from the merged values instead."""
+    cfg.stop = StopConfig()
+    return cfg
 
 
 def default_runs() -> list[str]:
     return ["none", "lora", "ntp_pre:self", "kl_pre:self", "kl_pre:real"]
+
+
+# keys quickstart sets itself for each stage: a value given for them would do nothing
+QUICKSTART_SETS = ("pretrain.run_dir", "generate.checkpoint", "generate.out",
+                   "finetune.run_dir", "finetune.checkpoint", "finetune.method",
+                   "finetune.replay.source", "finetune.replay.data")
 
 
 @dataclass
@@ -381,19 +687,59 @@ class QuickstartConfig:
     """The whole pipeline on the built-in corpora: prose -> code, one finetune per run."""
 
     out: str = "runs/quickstart"
-    runs: list[str] = field(default_factory=default_runs)  # method[:replay source]
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
-        eval=EvalConfig(interval=100, max_sequences=128)))
+    runs: list[str] = field(default_factory=default_runs)
+    pretrain: PretrainConfig = field(default_factory=lambda: _unbudgeted(PretrainConfig(
+        eval=EvalConfig(interval=100, max_sequences=128))))
     # 79 finetuning steps of 32 x 128 downstream tokens, 16 replay rows each: 1264 samples
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(samples=1280))
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
-        stop=StopConfig(tokens=320_000), eval=EvalConfig(interval=20, max_sequences=64)))
+    finetune: QuickstartFinetuneConfig = field(
+        default_factory=lambda: _unbudgeted(QuickstartFinetuneConfig()))
+
+    SETS: ClassVar[tuple[str, ...]] = QUICKSTART_SETS
+    HELP: ClassVar[dict[str, str]] = {
+        "out": "directory of every stage (finished stages are reused)",
+        "runs": "finetunes, each method[:replay source], e.g. kl_pre:self",
+    }
 
     def __post_init__(self) -> None:
+        defaults = {name: _field_default(QuickstartConfig, name)
+                    for name in ("pretrain", "generate", "finetune")}
+        for key in self.SETS:
+            _check(_get(self, key) == _get(defaults, key), key,
+                   "quickstart sets it for each stage (directories from out=, method and "
+                   "replay from runs=)")
         for spec in self.runs:
-            method, _, source = spec.partition(":")
-            _one_of(method, "runs", METHODS)
-            _one_of(source or "none", "runs", ("none", "self", "real", "onthefly"))
+            parse_run(spec)
+            try:
+                self.finetune.for_run(spec, "replay")
+            except ConfigError as e:
+                raise ConfigError(f"runs: {spec!r}: {e}") from e
+        for key in self.finetune.replay.changed():
+            _check(any(replay_key_applies(key, *parse_run(spec)) for spec in self.runs),
+                   f"finetune.replay.{key}", f"has no effect in any of runs={self.runs}")
+
+
+def _field_default(cls: type, name: str) -> Any:
+    found = next(f for f in fields(cls) if f.name == name)
+    return found.default_factory() if found.default is MISSING else found.default
+
+
+def _get(obj: Any, key: str) -> Any:
+    """The value at a dotted key of a config (or of a dict of configs)."""
+    for part in key.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def require(cfg: Any, *keys: str) -> None:
@@ -402,7 +748,35 @@ def require(cfg: Any, *keys: str) -> None:
         _check(bool(getattr(cfg, key)), key, "is required")
 
 
-T = TypeVar("T")
+def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) of every setting of a schema, each group of settings
+    first as (`group.*`, '', its docstring's first line): the listing of `--help`."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+    rows = []
+    for f in fields(schema):
+        key, value = f"{prefix}{f.name}", defaults[f.name]
+        kind = type(_field_default(schema, f.name))
+        if is_dataclass(kind):
+            rows.append((f"{key}.*", "", " ".join((kind.__doc__ or "").split("\n\n")[0].split())))
+            rows += describe(kind, f"{key}.")
+            if f.name == "stop" and hasattr(schema, "BUDGET"):
+                rows = [(k, f"null ({schema.BUDGET} if no stop.* is set)", h)
+                        if k == f"{key}.tokens" else (k, d, h) for k, d, h in rows]
+            continue
+        rows.append((key, _shown(value), schema.HELP.get(f.name, "")))
+    sets = getattr(schema, "SETS", ())
+    return [(k, "(set per stage)" if k in sets else d, h) for k, d, h in rows]
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be written in YAML or on the command line."""
+    if isinstance(value, str):
+        return value or "''"
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def _recipe_path(recipe: str) -> Path:
@@ -413,8 +787,8 @@ def _recipe_path(recipe: str) -> Path:
         return path
     path = RECIPES_DIR / f"{recipe}.yaml"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise ConfigError(f"recipe: no recipe named {recipe!r} (known: {known})")
+        raise ConfigError(f"recipe: no recipe named {recipe!r} "
+                          f"(known: {', '.join(recipe_names())})")
     return path
 
 
@@ -449,6 +823,11 @@ def load(schema: type[T], recipe: str | None = None, overrides: list[str] = ()) 
 
 def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (`--print-config`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def load_dict(schema: type[T], values: dict, overrides: list[str] = ()) -> T:

@@ -10,7 +10,8 @@ once and replays it per position; on the CPU the same step runs eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,27 @@ class Decoder:
         return model.decoder.final_layernorm(x)[0]
 
 
+def capture_failure(error: BaseException) -> bool:
+    """Whether an error is CUDA or torch refusing the capture itself (an operation a graph
+    cannot hold: "operation not permitted when stream is capturing", "capture invalidated"),
+    which eager decoding avoids; out of memory and other errors are not the flag's fault."""
+    return (isinstance(error, RuntimeError) and not isinstance(error, torch.cuda.OutOfMemoryError)
+            and "captur" in str(error).lower())
+
+
+@contextmanager
+def capture_errors() -> Iterator[None]:
+    """A capture failure becomes a UserError naming kernels.cuda_graph=false; the rest
+    propagate unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not capture_failure(e):
+            raise
+        raise UserError(f"capturing the decode step as a CUDA graph failed ({e}); "
+                        f"kernels.cuda_graph=false decodes the same steps eagerly") from e
+
+
 def graphed(step: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], torch.Tensor]:
     """`step` (reading and writing only fixed tensors) captured as a CUDA graph: the returned
     function replays it and returns its (reused) output tensor."""
@@ -81,12 +103,9 @@ def graphed(step: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], t
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    try:
+    with capture_errors():
         with torch.cuda.graph(graph):
             out = step()
-    except RuntimeError as e:
-        raise UserError(f"capturing the decode step as a CUDA graph failed ({e}); "
-                        f"kernels.cuda_graph=false decodes the same steps eagerly") from e
 
     def replay() -> torch.Tensor:
         graph.replay()

@@ -15,7 +15,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from forgetless import cpu_shims
-from forgetless.config import ModelConfig
+from forgetless.config import ConfigError, ModelConfig
 
 
 def transformer_config(cfg: ModelConfig) -> TransformerConfig:
@@ -66,8 +66,23 @@ class GPT(GPTModel):
         return super().compute_language_model_loss(labels, logits)
 
 
+def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """Sizes the parallel layout cannot split are the user's error: named here, before
+    megatron asserts on them (heads, vocab and MLP width split over TP ranks, layers over
+    pipeline stages)."""
+    for key, size, layout, ranks in (("model.heads", cfg.num_heads, "parallel.tp", tp),
+                                     ("model.vocab", cfg.vocab, "parallel.tp", tp),
+                                     ("model.ffn_hidden", cfg.ffn_size, "parallel.tp", tp),
+                                     ("model.layers", cfg.layers, "parallel.pp", pp)):
+        if size % ranks:
+            raise ConfigError(f"{key}: {size} does not split over {layout}={ranks} "
+                              f"(make it a multiple of {ranks}, or change {layout})")
+
+
 def build_model(cfg: ModelConfig) -> GPT:
     """GPTModel with pre-norm RMSNorm, RoPE, optional qk-norm, untied embeddings, no biases."""
+    check_layout(cfg, parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size())
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     if cpu_shims.on_cpu():
         spec.submodules.self_attention.submodules.core_attention = cpu_shims.SDPACoreAttention

@@ -24,6 +24,8 @@ def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
     if threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
+        if parallel_state.model_parallel_is_initialized():  # groups of a destroyed world
+            parallel_state.destroy_model_parallel()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
             if backend == "nccl":
@@ -41,6 +43,14 @@ def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tp, pp)
     seed_all(seed)
+
+
+def shutdown() -> None:
+    """End the world init made (megatron's groups with it), so a later init starts afresh."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_all(seed: int) -> None:

@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,6 +97,8 @@ class Run:
     checkpoint_state: Callable[[], dict]  # config and references stored with each checkpoint
     preempt: PreemptConfig
     flops_per_token: float = 0.0  # model FLOPs per trained token, for utilisation
+    # facts about the run recorded with its step-0 evaluation (e.g. where the replay came from)
+    about: dict = field(default_factory=dict)
     distributed_optimizer: bool = False
     step: int = 0
     tokens: int = 0
@@ -168,7 +170,7 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
         return {"step": run.step, "tokens": run.tokens, **run.eval_fn()}
     write = log.write if log is not None else (lambda record: None)
     if run.step == 0:  # the starting point: for finetuning, the teacher's own losses
-        write({"step": 0, "tokens": 0, "elapsed_s": 0.0, **run.eval_fn()})
+        write({"step": 0, "tokens": 0, "elapsed_s": 0.0, **run.about, **run.eval_fn()})
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", mininterval=1.0,
                dynamic_ncols=True, disable=log is None)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from forgetless.atomic import atomic_write_text
-from forgetless.cli import program_config
+from forgetless.cli import PROGRAMS, program_config
+from forgetless.errors import UserError
 from forgetless.launch import node, slurm, sweep
 
 
@@ -35,8 +36,21 @@ def _job(args: argparse.Namespace, name: str, elements: list[list[str]],
                      partition=args.partition, account=args.account, extra=args.sbatch)
 
 
-def _run_dir(program_args: list[str]) -> str:
-    """Where the program writes (its run_dir, or out), as its own config resolves it."""
+def _run_dir(where: str, program_args: list[str]) -> str:
+    """Where the program writes (its run_dir, or out), as its own config resolves it; a program
+    that cannot be launched is refused here, once, rather than by every rank of the job."""
+    name = program_args[0]
+    if name == "sweep":
+        raise UserError(f"launch {where}: a sweep launches its own runs: `forgetless sweep FILE "
+                        f"--slurm` submits them as one job array, `--nproc N` runs them here")
+    launchable = sorted({p.split()[0] for p in PROGRAMS} | {"study"})
+    if name not in launchable:
+        raise UserError(f"launch {where}: cannot launch {name!r}; programs: "
+                        f"{', '.join(launchable)}")
+    if name == "study":
+        from forgetless.recipes import study  # megatron and matplotlib: only when needed
+
+        return str(study.out_dir(program_args[1:]))
     program, _, cfg = program_config(program_args)
     return getattr(cfg, "run_dir", "") or getattr(cfg, "out", "") or f"runs/{program}"
 
@@ -67,11 +81,23 @@ def launch(argv: list[str]) -> int:
         return node.run(command, args.preempt_exit_code)
     if not args.program:
         parser.error("name a program, e.g. `pretrain key=value ...`")
+    run_dir = _run_dir(args.where, args.program)
     if args.where == "local":
         return node.run(node.torchrun_command(args.nproc, args.program))
-    run_dir = _run_dir(args.program)
     job = _job(args, f"forgetless-{args.program[0]}", [args.program], [run_dir])
     return _submit(args, job, Path(run_dir) / "job.sbatch")
+
+
+def _statuses(runs: list[sweep.Element]) -> dict[str, sweep.Status]:
+    queue = slurm.queue() if any(r.job() for r in runs) else {}
+    return {r.name: r.status(queue) for r in runs}
+
+
+def _report(runs: list[sweep.Element], status: dict[str, sweep.Status]) -> int:
+    """Every run's status; 1 if any failed."""
+    for r in runs:
+        print(f"{r.name:<40} {str(status[r.name]):<44} {r.run_dir}")
+    return 1 if any(s.state == "failed" for s in status.values()) else 0
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -85,27 +111,39 @@ def run_sweep(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     spec = sweep.load(args.file)
     runs = sweep.elements(spec)
-    status = {r.name: r.status() for r in runs}
-    todo = [r for r in runs if status[r.name] != "finished"]
+    status = _statuses(runs)
+    active = [r for r in runs if status[r.name].active]
+    todo = [r for r in runs if status[r.name].state != "finished" and r not in active]
     if args.status or not todo:
-        for r in runs:
-            print(f"{r.name:<40} {status[r.name]:<20} {r.run_dir}")
-        return 1 if any(s.startswith("failed") for s in status.values()) else 0
-    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
-          f"{len(todo)} to run")
+        return _report(runs, status)
+    for r in active:
+        print(f"{r.name}: {status[r.name]}; left alone")
+    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo) - len(active)} "
+          f"finished, {len(active)} running or pending, {len(todo)} to run")
     if args.slurm:
         job = _job(args, f"forgetless-{spec.name}", [r.args for r in todo],
                    [str(r.run_dir) for r in todo])
         return _submit(args, job, Path(spec.out) / f"{spec.name}.sbatch")
     for r in todo:
-        r.run_dir.mkdir(parents=True, exist_ok=True)
-        command = (node.torchrun_command(args.nproc, r.args) if args.nproc > 1
-                   else [sys.executable, "-m", "forgetless", *r.args])
-        print(f"== {r.name}", flush=True)
-        code = subprocess.run(command).returncode
-        atomic_write_text(r.run_dir / "launch-exit-code", f"{code}\n")
-    status = {r.name: r.status() for r in runs}  # after running
-    failed = [r for r in runs if status[r.name].startswith("failed")]
+        _run_here(r, args.nproc)
+    status = _statuses(runs)  # after running
+    failed = [r for r in runs if status[r.name].state == "failed"]
     for r in failed:
         print(f"failed: {r.name} ({status[r.name]}); see {r.run_dir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_here(run: sweep.Element, nproc: int) -> None:
+    """One element on this machine (unless another writer took it meanwhile), its exit code
+    recorded; it is no longer the SLURM job's to run."""
+    now = run.status()
+    if now.active:
+        print(f"{run.name}: {now}; left alone")
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / slurm.JOB_FILE).unlink(missing_ok=True)
+    command = (node.torchrun_command(nproc, run.args) if nproc > 1
+               else [sys.executable, "-m", "forgetless", *run.args])
+    print(f"== {run.name}", flush=True)
+    code = subprocess.run(command).returncode
+    atomic_write_text(run.run_dir / "launch-exit-code", f"{code}\n")

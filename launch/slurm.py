@@ -14,6 +14,8 @@ from string import Template
 from forgetless.atomic import atomic_write_text
 from forgetless.errors import UserError
 
+JOB_FILE = "slurm-job"  # in each run directory: the job (`J`) or array task (`J_T`) submitted
+
 TEMPLATE = Template("""#!/bin/bash
 #SBATCH --job-name=$name
 #SBATCH --nodes=$nodes
@@ -115,7 +117,8 @@ def render(job: Job) -> str:
 
 
 def submit(job: Job, script_path: Path) -> str:
-    """Write the script beside the runs and sbatch it; the job id."""
+    """Write the script beside the runs and sbatch it, and record in each run directory the
+    job (or array task) that will run it; the job id."""
     for run_dir in job.run_dirs:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     script_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,4 +130,21 @@ def submit(job: Job, script_path: Path) -> str:
         raise UserError("launch slurm: sbatch not found (is this a SLURM cluster?)") from e
     if out.returncode != 0:
         raise UserError(f"launch slurm: sbatch failed: {out.stderr.strip()}")
-    return out.stdout.strip().split(";")[0]
+    job_id = out.stdout.strip().split(";")[0]
+    for task, run_dir in enumerate(job.run_dirs):
+        recorded = f"{job_id}_{task}" if len(job.run_dirs) > 1 else job_id
+        atomic_write_text(Path(run_dir) / JOB_FILE, f"{recorded}\n")
+    return job_id
+
+
+def queue() -> dict[str, str]:
+    """Every queued job and array task (`J`, `J_T`) -> its state (PENDING, RUNNING, ...);
+    empty where there is no SLURM."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True,
+                             text=True)
+    except FileNotFoundError:
+        return {}
+    if out.returncode != 0:  # not knowing what is queued, a resubmission could run it twice
+        raise RuntimeError(f"squeue failed: {out.stderr.strip()}")
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)

@@ -1,13 +1,15 @@
 """Sweeps: a base recipe plus a grid of overrides, expanded into runs with stable names.
 
-    program: pretrain            # any forgetless program that takes run_dir=
+    program: pretrain            # a program that takes run_dir= (pretrain, finetune)
     recipe: pretrain-cpu         # optional YAML recipe
     out: runs/sweeps/lr          # one run directory per element under it
     base: {stop.steps: 200}      # overrides shared by every element
     grid: {opt.lr: [0.001, 0.002, 0.004]}
 
 Element names come from the grid values (e.g. `lr=0.002`), so a resubmitted sweep finds its
-runs again: finished ones are skipped, failed ones are reported with their exit code and log.
+runs again: finished, running (the run directory's lock is held) and pending (its SLURM job,
+recorded in `run_dir/slurm-job`, is still queued) ones are left alone; failed and preempted
+ones run again.
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forgetless import checkpoint
-from forgetless.config import ConfigError, read_mapping
+from forgetless import checkpoint, runlock
+from forgetless.cli import PROGRAMS
+from forgetless.config import ConfigError, PreemptConfig, read_mapping
+from forgetless.launch import slurm
+
+PREEMPTED = PreemptConfig().exit_code  # what the batch script requeues on
+
+
+def run_dir_programs() -> list[str]:
+    """The programs a sweep can run: those that write into a run_dir."""
+    return sorted(p for p, (_, schema, _) in PROGRAMS.items()
+                  if "run_dir" in schema.__dataclass_fields__)
 
 
 @dataclass
@@ -32,21 +44,59 @@ class Sweep:
     name: str = ""
 
 
+@dataclass(frozen=True)
+class Status:
+    """Where a run stands: state is finished | running | pending | preempted | failed |
+    not run; detail says more (holder, job, exit code). An active run is going on or will
+    start by itself (a queued job): resubmitting it would start a second writer."""
+
+    state: str
+    detail: str = ""
+    active: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.state} ({self.detail})" if self.detail else self.state
+
+
 @dataclass
 class Element:
     name: str
     run_dir: Path
     args: list[str]  # program, [recipe], key=value ...
 
-    def status(self) -> str:
-        """finished | failed (exit N) | not run."""
+    def job(self) -> str:
+        """The SLURM job (`J` or `J_T`) last submitted for this run, or ''."""
+        path = self.run_dir / slurm.JOB_FILE
+        return path.read_text().strip() if path.exists() else ""
+
+    def exit_code(self) -> int | None:
+        """The exit code the launcher recorded for the run's last attempt."""
+        path = self.run_dir / "launch-exit-code"
+        text = path.read_text().strip() if path.exists() else ""
+        return int(text) if text.lstrip("-").isdigit() else None
+
+    def status(self, queue: dict[str, str] | None = None) -> Status:
+        """From the newest checkpoint, the run directory's lock, the SLURM queue (job id ->
+        state, `slurm.queue()`; asked here if not given) and the recorded exit code."""
+        if queue is None:
+            queue = slurm.queue() if self.job() else {}
         found = checkpoint.latest(self.run_dir)
         if found is not None and checkpoint.read_state(found).get("finished"):
-            return "finished"
-        code = self.run_dir / "launch-exit-code"
-        if code.exists() and code.read_text().strip() not in ("", "0"):
-            return f"failed (exit {code.read_text().strip()})"
-        return "not run"
+            return Status("finished")
+        holder = runlock.holder(self.run_dir)
+        if holder is not None:
+            return Status("running", runlock.describe(holder), active=True)
+        job, code = self.job(), self.exit_code()
+        if job in queue:
+            if code == PREEMPTED:
+                return Status("preempted", f"requeued: job {job} {queue[job].lower()}", True)
+            return Status("pending" if queue[job] == "PENDING" else "running",
+                          f"job {job} {queue[job].lower()}", True)
+        if code == PREEMPTED:
+            return Status("preempted", f"exit {code}; resubmit to resume")
+        if code:
+            return Status("failed", f"exit {code}")
+        return Status("not run")
 
 
 def _value(value: object) -> str:
@@ -69,6 +119,9 @@ def load(path: str | Path) -> Sweep:
     for key in ("program", "out"):
         if not data.get(key):
             raise ConfigError(f"sweep {path}: {key} is required")
+    if data["program"] not in run_dir_programs():
+        raise ConfigError(f"sweep {path}: program {data['program']!r} does not write a run_dir; "
+                          f"a sweep can run {', '.join(run_dir_programs())}")
     for key, values in (data.get("grid") or {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep {path}: grid.{key} must be a non-empty list")

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, kernels, lora, losses, parallel, schedule
+from forgetless import checkpoint, config, kernels, lora, losses, parallel, runlock, schedule
 from forgetless.config import FinetuneConfig, KernelsConfig, SamplingConfig
 from forgetless.data import catalog
+from forgetless.data import tokenizer as tok
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
+from forgetless.errors import UserError
 from forgetless.evaluation import eval_set, evaluate
 from forgetless.kernels.losses import kl_ce
 from forgetless.model import flops_per_token, with_precision
@@ -163,7 +165,58 @@ def _ntp_and_kl(student: torch.Tensor, target: torch.Tensor, tokens: torch.Tenso
     return down + lam * reg, {"down_loss": down.detach(), "reg_loss": reg.detach()}
 
 
-def run(cfg: FinetuneConfig) -> dict:
+def _tokenizer_hash(spec: str) -> str:
+    try:
+        return tok.load(spec).hash
+    except UserError as e:
+        raise config.ConfigError(f"data_opts.tokenizer: {e}") from e
+
+
+def _tokenizer_opts(cfg: FinetuneConfig, base: dict) -> config.DataConfig:
+    """Data options with the base checkpoint's tokenizer: a finetune must tokenize like its
+    base, so another data_opts.tokenizer would be ignored; it is refused instead."""
+    spec, base_tok = cfg.data_opts.tokenizer, base["tokenizer"]
+    if spec != config.DataConfig.tokenizer and _tokenizer_hash(spec) != base_tok["hash"]:
+        raise config.ConfigError(
+            f"data_opts.tokenizer: {spec} is not the tokenizer of the base checkpoint "
+            f"({base_tok['path']}, hash {base_tok['hash'][:12]}); a finetune tokenizes with "
+            f"its base's tokenizer: leave data_opts.tokenizer unset")
+    return config.DataConfig(**{**config.to_dict(cfg.data_opts), "tokenizer": base_tok["path"]})
+
+
+def replay_provenance(cfg: FinetuneConfig, source: Manifest, base_path: Path,
+                      base_hash: str) -> dict:
+    """Self-replay must come from the base checkpoint (its provenance hash); other replay only
+    with replay.allow_foreign=true. What the run records of it."""
+    provenance = source.data.get("provenance") or {}
+    made_from = provenance.get("checkpoint_hash")
+    foreign = made_from != base_hash
+    if foreign and not cfg.replay.allow_foreign:
+        what = (f"was generated from checkpoint {provenance.get('checkpoint')} "
+                f"({made_from[:12]})" if made_from else
+                "is plain data (its manifest has no provenance), not self-generated replay")
+        raise DataError(
+            f"replay.data {source.path} {what}; replay.source=self replays samples of the "
+            f"finetune's base {base_path} ({base_hash[:12]}): generate them from it, or set "
+            f"replay.allow_foreign=true to replay these anyway")
+    return {"replay_foreign": foreign, "replay_checkpoint_hash": made_from}
+
+
+@dataclass
+class Inputs:
+    """What a finetune starts from, checked before run_dir is touched."""
+
+    base_path: Path
+    base_hash: str
+    model_cfg: config.ModelConfig
+    tokenizer: tok.Tokenizer
+    down: Manifest
+    prev: Manifest
+    replay_source: Manifest | None  # replay shards read from disk (self or real)
+    about: dict  # where the replay comes from, recorded in checkpoints and metrics
+
+
+def _inputs(cfg: FinetuneConfig) -> Inputs:
     config.require(cfg, "checkpoint")
     base_path = checkpoint.resolve(cfg.checkpoint)
     base = checkpoint.read_state(base_path)
@@ -172,15 +225,37 @@ def run(cfg: FinetuneConfig) -> dict:
         raise config.ConfigError("replay.source: onthefly samples from the teacher, which "
                                  "needs parallel.pp=1")
     model_cfg = config.load_dict(config.ModelConfig, base["model"])
-
-    opts = config.DataConfig(**{**config.to_dict(cfg.data_opts),
-                                "tokenizer": base["tokenizer"]["path"]})
     tokenizer, down = catalog.resolve(cfg.data, cfg.cache_dir, model_cfg.seq_len,
-                                      model_cfg.vocab, opts)
+                                      model_cfg.vocab, _tokenizer_opts(cfg, base))
     prev = load_manifest(cfg.prev_data or base["manifest"])
     for manifest, what in ((down, "data"), (prev, "prev_data")):
         _check_matches(manifest, base, what)
+    base_hash = checkpoint.content_hash(base_path)  # reads every weight file: once per run
+    about = {"replay_foreign": False, "replay_checkpoint_hash":
+             base_hash if cfg.replay.source == "onthefly" else None}
+    source = None
+    if replay_rows(cfg) and cfg.replay.source in ("self", "real"):
+        source = load_manifest(cfg.replay.data) if cfg.replay.source == "self" else prev
+        _check_matches(source, base, "replay.data")
+        if cfg.replay.source == "self":
+            about = replay_provenance(cfg, source, base_path, base_hash)
+    return Inputs(base_path, base_hash, model_cfg, tokenizer, down, prev, source, about)
 
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Finetune (or resume, or only evaluate a finished run); returns the final record."""
+    inputs = _inputs(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.acquire(run_dir):
+        checkpoint.clean(run_dir)
+        return _finetune(cfg, run_dir, inputs)
+
+
+def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
+    """The run, with run_dir locked and cleaned."""
+    base_path, base_hash, model_cfg = inputs.base_path, inputs.base_hash, inputs.model_cfg
+    tokenizer, down, prev = inputs.tokenizer, inputs.down, inputs.prev
     teacher = with_precision(checkpoint.load_model(base_path)[0], cfg.opt.precision)
     teacher.requires_grad_(False)
     teacher.eval()
@@ -190,9 +265,6 @@ def run(cfg: FinetuneConfig) -> dict:
     student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
                                    cfg.parallel)
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    base_hash = checkpoint.content_hash(base_path)
     state = initial_state({"down": None, "replay": None})
     resume_from = checkpoint.resume_path(run_dir, cfg.resume)
     if resume_from is not None:
@@ -219,11 +291,9 @@ def run(cfg: FinetuneConfig) -> dict:
                                 cfg.replay.buffer_batches, cfg.replay.seed,
                                 cfg.replay.sampling, state["data"]["replay"],
                                 cfg.kernels)
-    elif n_replay:
-        source = load_manifest(cfg.replay.data) if cfg.replay.source == "self" else prev
-        _check_matches(source, base, "replay.data")
-        replay = Loader(StreamSpec(source, "train", n_replay, seed=cfg.seed + 1, **dp),
-                        cfg.data_opts.workers, state["data"]["replay"])
+    elif inputs.replay_source is not None:
+        replay = Loader(StreamSpec(inputs.replay_source, "train", n_replay, seed=cfg.seed + 1,
+                                   **dp), cfg.data_opts.workers, state["data"]["replay"])
 
     tokens_per_step = down_rows * model_cfg.seq_len  # the batch is global
     total_steps = step_budget(cfg.stop, tokens_per_step, 0, down.data["train"]["tokens"])
@@ -256,6 +326,7 @@ def run(cfg: FinetuneConfig) -> dict:
             "manifest": str(down.path.resolve()), "base_checkpoint": str(base_path.resolve()),
             "base_hash": base_hash, "method": cfg.method,
             "lora": config.to_dict(cfg.lora) if cfg.method == "lora" else None,
+            **inputs.about,
         }
 
     training = Run(
@@ -266,7 +337,7 @@ def run(cfg: FinetuneConfig) -> dict:
         tokens_per_step=tokens_per_step, total_steps=total_steps,
         checkpoint_state=checkpoint_state, preempt=cfg.preempt,
         flops_per_token=flops_per_token(model_cfg),
-        distributed_optimizer=cfg.parallel.distributed_optimizer,
+        distributed_optimizer=cfg.parallel.distributed_optimizer, about=inputs.about,
         **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():

@@ -22,8 +22,8 @@ def run(cfg: PrepareConfig) -> dict:
                            cfg.data_opts.valid_fraction, cfg.data_opts.shard_sequences,
                            cfg.data_opts.text_field)
     return {"manifest": str(manifest.path),
-            **{k: manifest.data[k] for k in ("name", "seq_len", "domain_token", "documents",
-                                            "unigram_entropy")},
+            **{k: manifest.data.get(k) for k in ("name", "seq_len", "domain_token",
+                                                "domain_piece", "documents", "unigram_entropy")},
             "train_sequences": manifest.sequences("train"),
             "valid_sequences": manifest.sequences("valid")}
 

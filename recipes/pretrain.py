@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, parallel
+from forgetless import checkpoint, config, parallel, runlock
 from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
+from forgetless.data.shards import Manifest
+from forgetless.data.tokenizer import Tokenizer
 from forgetless.evaluation import eval_set, evaluate
 from forgetless.model import (
     build_model,
@@ -42,6 +44,19 @@ def run(cfg: PretrainConfig) -> dict:
                                           cfg.model.vocab, cfg.data_opts)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.acquire(run_dir):
+        checkpoint.clean(run_dir)
+        return _pretrain(cfg, run_dir, tokenizer, manifest)
+
+
+def _entropy(manifest: Manifest) -> str:
+    entropy = manifest.unigram_entropy
+    return "n/a" if entropy is None else f"{entropy:.3f} nats"
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
+              manifest: Manifest) -> dict:
+    """The run, with run_dir locked and cleaned."""
     model = build_model(cfg.model)
     init_weights(model, cfg.model, cfg.seed)
     model, optimizer = trainable(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel)
@@ -103,7 +118,7 @@ def run(cfg: PretrainConfig) -> dict:
     if parallel.is_main():
         print(f"model: {count_params(cfg.model):,} parameters ({n_params:,} without embeddings); "
               f"data: {manifest.path} ({manifest.data['train']['tokens']:,} train tokens, "
-              f"unigram entropy {manifest.data['unigram_entropy']:.3f} nats)")
+              f"unigram entropy {_entropy(manifest)})")
     final = train(training, config.to_dict(cfg))
-    final["unigram_entropy"] = manifest.data["unigram_entropy"]
+    final["unigram_entropy"] = manifest.unigram_entropy
     return final

@@ -3,7 +3,10 @@
 Each study is a sweep over pretraining variants (each pretrained once, with its own
 self-generated replay) and finetuning variants of the quickstart pipeline, then an
 aggregation: `table.csv`, `table.md` and `figure.png` in the output directory. Finished stages
-are reused, so an interrupted study continues. Presets: `cpu` (sized for a 2-core machine)
+are reused (only with the settings they were run with, as in the quickstart), so an
+interrupted study continues. Runs that stop at a target downstream loss
+(`finetune.stop.valid_loss`) record whether they reached it; the figure draws those that did
+not hollow, at their step budget. Presets: `cpu` (sized for a 2-core machine)
 and `gpu` (sized like the paper; point `pretrain.data` / `finetune.data` at real corpora).
 
     forgetless study method-comparison [--preset cpu|gpu] [--out DIR] [key=value ...]
@@ -30,13 +33,15 @@ from forgetless import checkpoint, config  # noqa: E402
 from forgetless.atomic import atomic_write_text  # noqa: E402
 from forgetless.config import QuickstartConfig  # noqa: E402
 from forgetless.recipes.quickstart import (  # noqa: E402
+    Finetune,
+    check,
+    finetune_config,
     finetune_stage,
     plot,
     pretrain_stage,
     save_figure,
+    stages,
 )
-
-Finetune = tuple[str, str, list[str]]  # name, method[:replay], finetune key=value overrides
 
 
 @dataclass
@@ -111,40 +116,58 @@ STUDIES: dict[str, dict[str, Study]] = {
 }
 COLUMNS = ("pretrain", "finetune", "method", "replay", "lr", "params", "steps", "valid_ntp",
            "prev_ntp", "prev_ntp_before", "forgetting", "wall_s")
-
-
-def _value(overrides: list[str], key: str, default: object) -> object:
-    found = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key]
-    return float(found[-1]) if found else default
+TARGET_COLUMNS = ("target", "reached")  # when runs stop at a target downstream loss
+MISSED = "did not reach the target"
 
 
 def run_study(study: Study, out: Path, overrides: list[str]) -> list[dict]:
+    """Every stage of every pretraining variant is checked against what it was run with
+    before anything runs; then the rows of the table, one per finetune."""
+    variants = {pname: config.load(QuickstartConfig, None, [*study.base, *pre, *overrides])
+                for pname, pre in study.pretrains.items()}
+    for pname, cfg in variants.items():
+        check(stages(cfg, out / pname, study.finetunes), out / pname)
     rows = []
-    for pname, pre in study.pretrains.items():
-        cfg = config.load(QuickstartConfig, None, [*study.base, *pre, *overrides])
+    for pname, cfg in variants.items():
         where = out / pname
         where.mkdir(parents=True, exist_ok=True)
-        pretrain_stage(cfg, where)
+        base_hash = pretrain_stage(cfg, where)
         params = checkpoint.read_state(checkpoint.latest(where / "pretrain"))["params"]
-        for fname, spec, fine in study.finetunes:
-            result = finetune_stage(cfg, spec, where, fname, fine)
-            rows.append({"pretrain": pname, "finetune": fname, "params": params,
-                         "lr": _value(fine, "opt.lr", cfg.finetune.opt.lr), **result})
+        for run in study.finetunes:
+            fine = finetune_config(cfg, run, where)
+            result = finetune_stage(cfg, run, where, base_hash)
+            target = fine.stop.valid_loss
+            rows.append({"pretrain": pname, "finetune": run[0], "params": params,
+                         "lr": fine.opt.lr, "target": target,
+                         "reached": None if target is None else result["valid_ntp"] <= target,
+                         **result})
     return rows
 
 
+def _lines(study: Study, rows: list[dict]) -> dict[str, list[dict]]:
+    lines: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r[study.x]):
+        lines.setdefault(" ".join(str(row[c]) for c in study.series), []).append(row)
+    return lines
+
+
 def figure(study: Study, rows: list[dict], path: Path) -> None:
+    """Forgetting against study.x, a line per series; a run that missed its target is a
+    hollow marker at its step budget, not a point on its line."""
     if not study.x:
         plot(rows, path)
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    lines: dict[str, list[dict]] = {}
-    for row in rows:
-        lines.setdefault(" ".join(str(row[c]) for c in study.series), []).append(row)
-    for label, points in lines.items():
-        points.sort(key=lambda r: r[study.x])
-        ax.plot([r[study.x] for r in points], [r["forgetting"] for r in points], marker="o",
-                label=label)
+    for i, (label, points) in enumerate(_lines(study, rows).items()):
+        reached = [r for r in points if r["reached"] is not False]
+        missed = [r for r in points if r["reached"] is False]
+        if reached:
+            ax.plot([r[study.x] for r in reached], [r["forgetting"] for r in reached],
+                    marker="o", color=f"C{i}", label=label)
+        if missed:
+            ax.plot([r[study.x] for r in missed], [r["forgetting"] for r in missed],
+                    marker="o", linestyle="none", markerfacecolor="none", color=f"C{i}",
+                    label=f"{label} ({MISSED})")
     if study.x in ("lr", "params"):
         ax.set_xscale("log")
     ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)
@@ -161,27 +184,44 @@ def _cell(value: object) -> str:
 
 
 def write_tables(rows: list[dict], out: Path) -> str:
+    columns = COLUMNS + (TARGET_COLUMNS if any(r["target"] is not None for r in rows) else ())
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "table.csv", table.getvalue())
-    markdown = "\n".join(["| " + " | ".join(COLUMNS) + " |",
-                          "|" + " --- |" * len(COLUMNS)] +
-                         ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows])
+    markdown = "\n".join(["| " + " | ".join(columns) + " |",
+                          "|" + " --- |" * len(columns)] +
+                         ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows])
     atomic_write_text(out / "table.md", markdown + "\n")
     return markdown
 
 
-def main(argv: list[str]) -> int:
+def _args(argv: list[str]) -> argparse.Namespace:
+    """The study's arguments, its overrides validated as quickstart keys."""
     parser = argparse.ArgumentParser(prog="forgetless study", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=sorted(STUDIES))
     parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--out", default="")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
+    config.load(QuickstartConfig, None, args.overrides)
+    return args
+
+
+def _out(args: argparse.Namespace) -> Path:
+    return Path(args.out or f"runs/studies/{args.name}-{args.preset}")
+
+
+def out_dir(argv: list[str]) -> Path:
+    """Where `forgetless study <argv>` writes (what `launch slurm study` uses as its run dir)."""
+    return _out(_args(argv))
+
+
+def main(argv: list[str]) -> int:
+    args = _args(argv)
     start = time.perf_counter()
-    out = Path(args.out or f"runs/studies/{args.name}-{args.preset}")
+    out = _out(args)
     out.mkdir(parents=True, exist_ok=True)
     study = STUDIES[args.name][args.preset]
     rows = run_study(study, out, args.overrides)

@@ -43,12 +43,12 @@ def manifest(corpus, tokenizer, tmp_path_factory):
                           shard_sequences=100)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def megatron_world():
+    """A world of one (again, where an in-process CLI run ended the previous one)."""
     from forgetless import parallel
 
     parallel.init(0)
-    yield
 
 
 MODEL = ["model.hidden=32", "model.layers=2", "model.head_dim=16", "model.seq_len=32",

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from forgetless.config import ModelConfig
-from forgetless.decode import Decoder
+from forgetless.decode import Decoder, capture_errors
+from forgetless.errors import UserError
 from forgetless.model import build_model
 
 TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=24, vocab=512)
@@ -34,3 +35,17 @@ def test_decode_cache_is_only_read_up_to_the_position(megatron_world):
             position = torch.tensor([t])
             torch.testing.assert_close(dirty.step(tokens[:, t], position),
                                        clean.step(tokens[:, t], position))
+
+
+def test_only_capture_failures_blame_the_cuda_graph_flag():
+    refused = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    with pytest.raises(UserError, match="kernels.cuda_graph=false") as raised:
+        with capture_errors():
+            raise refused
+    assert raised.value.__cause__ is refused
+    for other in (torch.cuda.OutOfMemoryError("CUDA out of memory while capturing"),
+                  RuntimeError("NCCL error: unhandled cuda error"), ValueError("a bug")):
+        with pytest.raises(type(other)) as raised:
+            with capture_errors():
+                raise other
+        assert raised.value is other  # unchanged, with its traceback

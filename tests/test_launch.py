@@ -11,8 +11,10 @@ import time
 import pytest
 import yaml
 
-from forgetless import checkpoint, config, metrics
-from forgetless.config import PretrainConfig
+from forgetless import checkpoint, config, metrics, runlock
+from forgetless.config import ConfigError, PretrainConfig
+from forgetless.errors import UserError
+from forgetless.launch import cli as launch_cli
 from forgetless.launch import sweep
 from forgetless.recipes import pretrain
 
@@ -88,12 +90,12 @@ def test_sweep_job_array_skips_finished_runs(cluster, manifest, tmp_path):
     path = _sweep_file(tmp_path, manifest, {"opt.lr": [0.001, 0.002]})
     out = _cli("sweep", str(path), "--slurm")
     assert out.returncode == 0, out.stderr
-    assert "2 runs, 0 finished, 2 to run" in out.stdout
+    assert "2 runs, 0 finished, 0 running or pending, 2 to run" in out.stdout
     _wait_job(_job_id(out.stdout))
     runs = sweep.elements(sweep.load(path))
     assert [r.name for r in runs] == ["lr=0.001", "lr=0.002"]
     for r in runs:
-        assert r.status() == "finished", (r.name, list(r.run_dir.glob("slurm-*.out")))
+        assert r.status().state == "finished", (r.name, list(r.run_dir.glob("slurm-*.out")))
         state = checkpoint.read_state(checkpoint.latest(r.run_dir))
         assert state["step"] == 4 and state["config"]["opt"]["lr"] == float(r.name[3:])
     again = _cli("sweep", str(path), "--slurm")
@@ -109,6 +111,70 @@ def test_sweep_reports_a_failed_element(manifest, tmp_path):
     status = _cli("sweep", str(path), "--status")
     assert "head_dim=16" in status.stdout and "finished" in status.stdout
     assert status.returncode == 1 and "failed (exit 2)" in status.stdout
+
+
+def _statuses(path):
+    return {r.name: str(r.status()) for r in sweep.elements(sweep.load(path))}
+
+
+def test_sweep_status_tells_pending_running_and_preempted_from_failed(cluster, manifest,
+                                                                      tmp_path, capsys):
+    path = _sweep_file(tmp_path, manifest, {"opt.lr": [0.001, 0.002, 0.003]})
+    runs = {r.name: r for r in sweep.elements(sweep.load(path))}
+    preempted, held = runs["lr=0.002"].run_dir, runs["lr=0.003"].run_dir
+    preempted.mkdir(parents=True)
+    (preempted / "launch-exit-code").write_text("75\n")
+    held.mkdir(parents=True)
+    lock = runlock.acquire(held)  # another trainer at work in it
+    assert launch_cli.run_sweep([str(path), "--status"]) == 0  # preempted is not failed
+    assert "preempted (exit 75; resubmit to resume)" in capsys.readouterr().out
+    # a job array that stays queued for an hour: the running element is not part of it
+    assert launch_cli.run_sweep([str(path), "--slurm", "--sbatch=--begin=now+1hour"]) == 0
+    out = capsys.readouterr().out
+    job = _job_id(out)
+    try:
+        assert "lr=0.003: running (host" in out and "left alone" in out
+        assert "3 runs, 0 finished, 1 running or pending, 2 to run" in out
+        status = _statuses(path)
+        assert status["lr=0.001"] == f"pending (job {job}_0 pending)"
+        assert status["lr=0.002"] == f"preempted (requeued: job {job}_1 pending)"
+        assert status["lr=0.003"].startswith(f"running (host {runlock.holder_info()['host']}")
+        for again in ([str(path), "--slurm"], [str(path)]):  # resubmitted, or run here
+            assert launch_cli.run_sweep(again) == 0
+            assert "submitted" not in capsys.readouterr().out
+        assert not (runs["lr=0.001"].run_dir / "metrics.jsonl").exists()
+    finally:
+        subprocess.run(["scancel", job], check=True)
+        lock.release()
+    _wait_job(job)
+    status = _statuses(path)
+    assert status == {"lr=0.001": "not run", "lr=0.003": "not run",
+                      "lr=0.002": "preempted (exit 75; resubmit to resume)"}
+    assert launch_cli.run_sweep([str(path), "--slurm", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "3 to run" in script and "#SBATCH --array=0-2" in script
+
+
+def test_launch_refuses_what_it_cannot_run_and_submits_a_study(tmp_path, capsys):
+    with pytest.raises(UserError, match="`forgetless sweep FILE --slurm`"):
+        launch_cli.launch(["slurm", "--dry-run", "sweep", "lr.yaml"])
+    with pytest.raises(UserError, match="cannot launch 'bogus'; programs: data, evaluate"):
+        launch_cli.launch(["local", "bogus"])
+    with pytest.raises(ConfigError, match="finetune.bogus"):
+        launch_cli.launch(["slurm", "--dry-run", "study", "high-lr", "finetune.bogus=1"])
+    out = tmp_path / "study"
+    assert launch_cli.launch(["slurm", "--dry-run", "study", "high-lr", "--out", str(out),
+                              "finetune.lam=3"]) == 0
+    script = capsys.readouterr().out.splitlines()
+    assert f"ARGS=(study high-lr --out {out} finetune.lam=3)" in script
+    assert f"RUN_DIR={out}" in script and f"#SBATCH --output={out}/slurm-%j.out" in script
+    sweep_file = tmp_path / "s.yaml"
+    for program in ("generate", "quickstart", "study", "data prepare"):
+        sweep_file.write_text(yaml.safe_dump({"program": program, "out": str(tmp_path),
+                                              "grid": {"seed": [0, 1]}}))
+        with pytest.raises(ConfigError, match=f"program '{program}' does not write a run_dir; "
+                                              "a sweep can run finetune, pretrain"):
+            sweep.load(sweep_file)
 
 
 def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_run(cluster, manifest,

@@ -1,7 +1,9 @@
+import pytest
 import torch
+from megatron.core import parallel_state
 
-from forgetless.config import ModelConfig
-from forgetless.model import build_model, count_params, next_token
+from forgetless.config import ConfigError, ModelConfig
+from forgetless.model import build_model, check_layout, count_params, next_token
 
 TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=32, vocab=512)
 
@@ -59,3 +61,21 @@ def test_loss_falls_on_tiny_overfit(megatron_world):
         opt.step()
         opt.zero_grad()
     assert first > 6.0 and loss.item() < 0.5
+
+
+@pytest.mark.parametrize("sizes, tp, pp, message", [
+    (dict(hidden=96, head_dim=32), 2, 1, "model.heads: 3 does not split over parallel.tp=2"),
+    (dict(vocab=511), 2, 1, "model.vocab: 511 does not split over parallel.tp=2"),
+    (dict(ffn_hidden=99), 2, 1, "model.ffn_hidden: 99 does not split over parallel.tp=2"),
+    (dict(layers=3), 1, 2, "model.layers: 3 does not split over parallel.pp=2"),
+])
+def test_sizes_the_layout_cannot_split_name_the_keys(sizes, tp, pp, message):
+    with pytest.raises(ConfigError, match=message):
+        check_layout(ModelConfig(**{**TINY, **sizes}), tp, pp)
+
+
+def test_layout_checked_before_megatron_builds(megatron_world, monkeypatch):
+    check_layout(ModelConfig(**TINY), 2, 2)  # 2 heads, vocab 512, ffn 128, 2 layers
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="model.heads: 3 .* parallel.tp=2"):
+        build_model(ModelConfig(**{**TINY, "heads": 3}))

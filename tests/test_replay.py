@@ -22,10 +22,12 @@ from .conftest import MODEL
 
 
 def _finetune_cfg(world, run_dir, *extra):
+    """4 replay rows per step for the methods that take replay.batch_size."""
+    takes_rows = {"method=ntp_pre", "method=kl_pre"} & set(extra)
     return config.load(FinetuneConfig, None, [
         f"run_dir={run_dir}", f"checkpoint={world['base']}", f"data={world['down'].path}",
-        "opt.batch_size=8", "replay.batch_size=4", "eval.interval=2", "eval.max_sequences=16",
-        "stop.tokens=null", "stop.steps=4", *extra])
+        "opt.batch_size=8", *(["replay.batch_size=4"] if takes_rows else []), "eval.interval=2",
+        "eval.max_sequences=16", "stop.tokens=null", "stop.steps=4", *extra])
 
 
 def _replay_tokens(out):
@@ -117,8 +119,8 @@ def test_kl_pre_regulariser_has_zero_gradient_at_start(world, megatron_world):
     for method in ("kl_pre", "kl_dwn"):
         grads = []
         for lam in (0, 10):  # the same loss with and without the regulariser
-            cfg = _finetune_cfg(world, "unused", f"method={method}", "replay.source=real",
-                                f"lam={lam}")
+            replay = ["replay.source=real"] if method == "kl_pre" else []
+            cfg = _finetune_cfg(world, "unused", f"method={method}", *replay, f"lam={lam}")
             student.zero_grad()
             results = schedule.run(student, finetune.make_plan(cfg, teacher, 2)(batch),
                                    forward_only=False)
@@ -310,3 +312,43 @@ def test_bf16_training_through_megatrons_mixed_precision(world, megatron_world, 
     finetune.run(cfg)
     records = metrics.read(tmp_path / "ft" / "metrics.jsonl")
     assert records[0]["prev_kl"] == 0.0 and records[-1]["step"] == 2
+
+
+def test_self_replay_must_come_from_the_base(world, megatron_world, tmp_path, tokenizer):
+    own = tmp_path / "own"
+    generate.run(config.load(GenerateConfig, None, [f"checkpoint={world['base']}", f"out={own}",
+                                                    "samples=16"]))
+    foreign = tmp_path / "foreign"  # as if generated from another checkpoint
+    shutil.copytree(own, foreign)
+    data = json.loads((foreign / "manifest.json").read_text())
+    data["provenance"].update(checkpoint="/elsewhere/step_00000009", checkpoint_hash="ab" * 32)
+    (foreign / "manifest.json").write_text(json.dumps(data))
+    base_hash = checkpoint.content_hash(checkpoint.latest(world["base"]))
+    self_replay = ["method=ntp_pre", "replay.source=self", "stop.steps=2"]
+    with pytest.raises(shards.DataError, match=(
+            rf"generated from checkpoint /elsewhere/step_00000009 \(abababababab\).*"
+            rf"finetune's base .*base.* \({base_hash[:12]}\).*replay.allow_foreign=true")):
+        finetune.run(_finetune_cfg(world, tmp_path / "a", *self_replay, f"replay.data={foreign}"))
+    with pytest.raises(shards.DataError, match="is plain data .* replay.allow_foreign=true"):
+        finetune.run(_finetune_cfg(world, tmp_path / "b", *self_replay,
+                                   f"replay.data={world['prev'].path}"))
+    # the user says so: it runs, and the run records it
+    finetune.run(_finetune_cfg(world, tmp_path / "c", *self_replay, f"replay.data={foreign}",
+                               "replay.allow_foreign=true"))
+    state = checkpoint.read_state(checkpoint.latest(tmp_path / "c"))
+    first = metrics.read(tmp_path / "c" / "metrics.jsonl")[0]
+    for record in (state, first):
+        assert record["replay_foreign"] is True and record["replay_checkpoint_hash"] == "ab" * 32
+    assert state["config"]["replay"]["allow_foreign"] is True
+    finetune.run(_finetune_cfg(world, tmp_path / "d", *self_replay, f"replay.data={own}"))
+    first = metrics.read(tmp_path / "d" / "metrics.jsonl")[0]
+    assert first["replay_foreign"] is False and first["replay_checkpoint_hash"] == base_hash
+    # a finetune tokenizes with its base's tokenizer: another data_opts.tokenizer is an error
+    with pytest.raises(config.ConfigError, match=r"data_opts.tokenizer: .* is not the tokenizer "
+                                                 r"of the base checkpoint"):
+        finetune.run(_finetune_cfg(world, tmp_path / "e",
+                                   f"data_opts.tokenizer={tokenizer.path.parent}"))
+    assert not (tmp_path / "e").exists()
+    base = checkpoint.read_state(checkpoint.latest(world["base"]))
+    same = _finetune_cfg(world, tmp_path / "f", f"data_opts.tokenizer={world['tokenizer'].path}")
+    assert finetune._tokenizer_opts(same, base).tokenizer == base["tokenizer"]["path"]

@@ -1,5 +1,6 @@
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -67,3 +68,99 @@ def test_empty_corpus_leaves_nothing(tokenizer, tmp_path):
     with pytest.raises(shards.DataError, match="no train sequence"):
         shards.prepare(str(tmp_path / "short.jsonl"), out, tokenizer, SEQ_LEN, "tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "short.jsonl"]
+
+
+def _reference_pack(docs, seq_len, domain, eos):
+    """The straightforward packing: documents joined by EOS, cut every seq_len - 1 tokens."""
+    buffer, out = [], []
+    for ids in docs:
+        buffer += [*ids, eos]
+        while len(buffer) >= seq_len - 1:
+            out.append([domain, *buffer[: seq_len - 1]])
+            buffer = buffer[seq_len - 1:]
+    return out
+
+
+def test_packing_matches_reference_and_is_linear(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(2, 500, size=n).tolist() for n in (0, 1, 5, 31, 32, 100, 7, 64, 3)]
+    writer = shards._SplitWriter(tmp_path, "train", 8, 5, shard_sequences=10**9)
+    for ids in docs:
+        writer.add(ids, 1)
+    expected = _reference_pack(docs, 8, 5, 1)
+    assert [s.tolist() for s in writer.pending] == expected
+    writer.flush()
+    assert writer.counts.sum() == 7 * len(expected)
+    assert writer.counts[1] == sum(row[1:].count(1) for row in expected)
+    long = (np.arange(2_000_000) % 60_000 + 2).tolist()  # one 2M-token document
+    writer = shards._SplitWriter(tmp_path, "valid", 128, 5, shard_sequences=10**9)
+    writer.add(long, 1)
+    assert len(writer.pending) == 2_000_001 // 127
+    assert np.array_equal(np.concatenate([s[1:] for s in writer.pending]),
+                          np.asarray(long[: len(writer.pending) * 127]))
+
+
+def test_big_text_file_lands_in_both_splits_and_any_spelling_splits_alike(
+        tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "book.txt").write_text("".join(f"Chapter {i}.\n" + "Some words here. " * 40
+                                               + "\n\n" for i in range(300)))
+    monkeypatch.chdir(tmp_path)
+    rel = shards.prepare("book.txt", tmp_path / "rel", tokenizer, SEQ_LEN, "book", 0.1)
+    ab = shards.prepare(str(tmp_path / "book.txt"), tmp_path / "abs", tokenizer, SEQ_LEN,
+                        "book", 0.1)
+    assert rel.sequences("train") > 0 and rel.sequences("valid") > 0
+    for split in shards.SPLITS:
+        assert np.array_equal(np.stack(_all(rel, split)), np.stack(_all(ab, split)))
+    assert rel.data["key"] == ab.data["key"]
+    generic = tokenizer.domain_id("book")  # no own token for 'book': the generic first token
+    assert generic == tokenizer.generic and rel.data["domain_piece"] == "<|text|>"
+    assert all(s[0] == generic for s in _all(rel, "train"))
+
+
+def _broken(manifest, tmp_path, edit):
+    data = json.loads(manifest.path.read_text())
+    edit(data)
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.path.parent, copy, dirs_exist_ok=True)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+def test_manifest_fields_checked_on_load(manifest, tmp_path):
+    optional = _broken(manifest, tmp_path, lambda d: [d.pop(k) for k in (
+        "unigram_entropy", "documents", "source", "key", "fingerprint", "domain_piece")])
+    m = shards.load_manifest(optional)
+    assert m.unigram_entropy is None and m.sequences("train") == manifest.sequences("train")
+    assert manifest.unigram_entropy == manifest.data["unigram_entropy"]
+    cases = [
+        (lambda d: d.pop("seq_len"), "field seq_len is missing"),
+        (lambda d: d["tokenizer"].pop("hash"), "field tokenizer.hash is missing"),
+        (lambda d: d["train"].update(tokens="many"), "field train.tokens must be an integer"),
+        (lambda d: d["valid"]["shards"][0].pop("path"), r"field valid.shards\[0\].path is miss"),
+        (lambda d: d.update(unigram_entropy="low"), "field unigram_entropy must be a number"),
+        (lambda d: d.update(domain_token=True), "field domain_token must be an integer"),
+        (lambda d: d.update(train=[]), "field train must be an object"),
+    ]
+    for edit, message in cases:
+        path = _broken(manifest, tmp_path, edit)
+        with pytest.raises(shards.DataError, match=f"manifest {path}/manifest.json: {message}"):
+            shards.load_manifest(path)
+
+
+def test_only_shard_faults_are_called_corrupt(manifest, tmp_path, monkeypatch):
+    path, n = manifest.shards("train")[0]
+    odd = tmp_path / "odd.tar"
+    shards.write_shard(odd, [np.zeros(4)], meta=lambda i: {"x": i})
+    with tarfile.open(odd) as tar, tarfile.open(tmp_path / "no-tokens.tar", "w") as out:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                out.addfile(member, tar.extractfile(member))
+    with pytest.raises(shards.DataError, match="has no tokens.npy member"):
+        list(shards.read_shard(tmp_path / "no-tokens.tar"))
+
+    def failing_load(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(np, "load", failing_load)
+    with pytest.raises(MemoryError, match="out of memory"):
+        list(shards.read_shard(path, n))

@@ -55,3 +55,39 @@ def test_local_sources(tmp_path):
         list(sources.documents(str(tmp_path / "*.md")))
     with pytest.raises(sources.SourceError, match="no such file"):
         list(sources.documents(str(tmp_path / "missing.txt")))
+
+
+def test_text_documents_rule():
+    para = "line one\nline two\n\n"
+    text = "\n\n" + para * 5 + "x" * 25 + "\n" + ("long line\n" * 4) + "\n" + "tail"
+    docs = sources.text_documents(text, limit=24)
+    assert "".join(docs) == text  # lossless, in order
+    assert all(len(d) <= 24 for d in docs)
+    assert docs[0] == "\n\n" + para and docs[1] == para  # paragraphs whole while they fit
+    assert "x" * 24 in docs and "x\n" in docs[docs.index("x" * 24) + 1]  # a long line is cut
+    assert sources.text_documents("") == []
+    assert sources.text_documents("a\n\nb\n") == ["a\n\nb\n"]  # grouped up to the limit
+
+
+def test_text_file_documents_keyed_on_resolved_path(tmp_path, monkeypatch):
+    (tmp_path / "book.txt").write_text("".join(f"paragraph {i}\n" + "words " * 100 + "\n\n"
+                                               for i in range(100)))
+    (tmp_path / "c.jsonl").write_text('{"text": "gamma"}\n')
+    monkeypatch.chdir(tmp_path)
+    relative = list(sources.documents("book.txt"))
+    absolute = list(sources.documents(str(tmp_path / "book.txt")))
+    assert relative == absolute and len(relative) > 10
+    assert relative[0][0] == f"{tmp_path.resolve() / 'book.txt'}#0"
+    assert list(sources.documents("c.jsonl"))[0][0] == f"{tmp_path.resolve() / 'c.jsonl'}:1"
+    assert sources.fingerprint("book.txt") == sources.fingerprint(str(tmp_path / "*.txt"))
+
+
+def test_fingerprint_follows_content_and_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    before = sources.fingerprint(str(tmp_path / "*.txt"))
+    assert list(before["files"]) == [str((tmp_path / "a.txt").resolve())]
+    (tmp_path / "a.txt").write_text("alphA")
+    assert sources.fingerprint(str(tmp_path / "*.txt")) != before
+    (tmp_path / "b.txt").write_text("beta")
+    assert len(sources.fingerprint(str(tmp_path / "*.txt"))["files"]) == 2
+    assert sources.fingerprint("stdlib-prose")["builtin"] == "stdlib-prose"

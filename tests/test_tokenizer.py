@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from forgetless.data import tokenizer as tok
@@ -17,8 +19,22 @@ def test_reserved_ids(tokenizer):
     assert dom not in (0, 1)
     assert tokenizer.encode("<|tiny|>") == [dom]  # a marker is one token
     assert dom not in tokenizer.encode("plain text without markers")
-    with pytest.raises(tok.TokenizerError, match="no domain token for dataset 'other'"):
-        tokenizer.domain_id("other")
+    generic = tokenizer.domain_id("other")  # a dataset without its own token: the generic one
+    assert generic == tokenizer.generic and generic not in (0, 1, dom)
+    assert tokenizer.encode(tok.GENERIC_PIECE) == [generic]
+    assert tok.load(tokenizer.path).generic == generic
+
+
+def test_tokenizer_without_generic_token_names_its_domains(tokenizer, tmp_path):
+    """A tokenizer saved before the generic token existed keeps the clear error."""
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())
+    meta = json.loads(tokenizer.path.with_suffix(".json").read_text())
+    del meta["generic"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(meta))
+    old = tok.load(tmp_path)
+    assert old.generic is None and old.domain_id("tiny") == tokenizer.domain_id("tiny")
+    with pytest.raises(tok.TokenizerError, match="no domain token for dataset 'other'.*tiny"):
+        old.domain_id("other")
 
 
 def test_saved_with_content_hash_and_reloads(tokenizer):
