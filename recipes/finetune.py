@@ -181,6 +181,8 @@ def _tokenizer_opts(cfg: FinetuneConfig, base: dict) -> config.DataConfig:
             f"data_opts.tokenizer: {spec} is not the tokenizer of the base checkpoint "
             f"({base_tok['path']}, hash {base_tok['hash'][:12]}); a finetune tokenizes with "
             f"its base's tokenizer: leave data_opts.tokenizer unset")
+    if catalog.is_manifest(cfg.data):  # tokenized already: _check_matches compares it
+        return cfg.data_opts
     return config.DataConfig(**{**config.to_dict(cfg.data_opts), "tokenizer": base_tok["path"]})
 
 
