@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: the kernel benchmark with its correctness checks, then a small end-to-end
 # run on CUDA (pretrain, generate and finetune with kernels.backend=triton and =torch, same
-# tokens and losses expected). Writes $OUT/benchmarks.md and $OUT/e2e.txt.
+# tokens and losses expected), then pretraining MFU of a ~310M model (bf16, seq 2048) with
+# and without the fast path's fusions. Writes $OUT/benchmarks.md, $OUT/e2e.txt, $OUT/mfu.txt.
 #   bash benchmarks/gpu.sh OUT_DIR          (wheels for missing packages in .whl/, if any)
 set -uo pipefail
 out=${1:?output directory}
@@ -44,9 +45,10 @@ r=/tmp/e2e
     python3 - <<'EOF'
 import json, numpy as np, pathlib
 from forgetless.data import shards
+from forgetless.data.samples import read_split
 r = pathlib.Path("/tmp/e2e")
-tok = {b: np.stack([s for p, n in shards.load_manifest(r / f"replay-{b}").shards("train")
-                    for s in shards.read_shard(p, n)]) for b in ("triton", "torch")}
+tok = {b: read_split(shards.load_manifest(r / f"replay-{b}"), "train")
+       for b in ("triton", "torch")}
 print("replay tokens equal (triton vs torch):", (tok["triton"] == tok["torch"]).mean())
 logs = {b: [json.loads(l) for l in open(r / f"ft-{b}/metrics.jsonl")] for b in tok}
 for a, b in zip(*logs.values()):
@@ -79,3 +81,15 @@ for batch in (1, 64):
                                            for k, v in out.items()})
 EOF
 } 2>&1 | tee "$out/e2e.txt"
+[ -n "${SKIP_MFU:-}" ] && exit 0
+{
+    # hidden 1024, 24 layers, 16 heads, SwiGLU 2752, vocab 4096: 312M parameters
+    size="model.hidden=1024 model.layers=24 model.head_dim=64 model.seq_len=2048 \
+        model.vocab=4096 opt.batch_size=8 opt.precision=bf16"
+    for fusions in off on; do
+        echo "parallel.fusions=$fusions (SDPA attention either way)"
+        # shellcheck disable=SC2086
+        timeout 300 python3 "$repo/benchmarks/throughput.py" --steps 10 --peak-tflops 989 \
+            $size parallel.fusions=$fusions 2>&1 | grep "tokens/s"
+    done
+} 2>&1 | tee "$out/mfu.txt"

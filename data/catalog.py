@@ -86,7 +86,7 @@ def prepare_once(entry: Path, ready: Callable[[], bool], make: Callable[[], obje
             raise error(f"preparing {entry} failed on rank {rank}: {message}")
 
 
-def builtin_tokenizer(cache_dir: str | Path, vocab: int) -> tok.Tokenizer:
+def builtin_tokenizer(cache_dir: str | Path, vocab: int) -> tok.AnyTokenizer:
     """The default tokenizer: BPE trained on both built-in corpora, with both domain tokens
     and the generic one (v2: tokenizers before it had no generic token)."""
     path = Path(cache_dir) / "tokenizers" / f"builtin-v2-{vocab}"
@@ -100,7 +100,7 @@ def _train_builtin(path: Path, vocab: int) -> None:
     tok.train(list(BUILTIN), path, vocab)
 
 
-def load_tokenizer(spec: str, cache_dir: str | Path, vocab: int) -> tok.Tokenizer:
+def load_tokenizer(spec: str, cache_dir: str | Path, vocab: int) -> tok.AnyTokenizer:
     return builtin_tokenizer(cache_dir, vocab) if spec == "builtin" else tok.load(spec)
 
 
@@ -125,7 +125,7 @@ def check_unused_options(manifest: Manifest, opts: DataConfig) -> None:
                 f"not {opts.tokenizer} ({given.hash[:12]})")
 
 
-def cached(data: str, cache_dir: str | Path, tokenizer: tok.Tokenizer, seq_len: int,
+def cached(data: str, cache_dir: str | Path, tokenizer: tok.AnyTokenizer, seq_len: int,
            opts: DataConfig, name: str) -> Manifest:
     """The cache entry of a source prepared with these settings, prepared once if missing."""
     fingerprint = fingerprint_of(data, tokenizer, seq_len, name, opts.valid_fraction,
@@ -137,7 +137,7 @@ def cached(data: str, cache_dir: str | Path, tokenizer: tok.Tokenizer, seq_len: 
     return load_manifest(out)
 
 
-def _prepare_entry(data: str, out: Path, tokenizer: tok.Tokenizer, seq_len: int, name: str,
+def _prepare_entry(data: str, out: Path, tokenizer: tok.AnyTokenizer, seq_len: int, name: str,
                    opts: DataConfig, fingerprint: dict) -> None:
     print(f"preparing {data} into {out}")
     prepare(data, out, tokenizer, seq_len, name, opts.valid_fraction, opts.shard_sequences,
@@ -146,7 +146,7 @@ def _prepare_entry(data: str, out: Path, tokenizer: tok.Tokenizer, seq_len: int,
 
 def resolve(
     data: str, cache_dir: str | Path, seq_len: int, vocab: int, opts: DataConfig, name: str = ""
-) -> tuple[tok.Tokenizer, Manifest]:
+) -> tuple[tok.AnyTokenizer, Manifest]:
     """Tokenizer and manifest for `data`, checked against the model's seq_len and vocab. Every
     rank calls it (after parallel.init); preparation happens once."""
     if is_manifest(data):
@@ -157,7 +157,9 @@ def resolve(
         tokenizer = load_tokenizer(opts.tokenizer, cache_dir, vocab)
         manifest = cached(data, cache_dir, tokenizer, seq_len, opts, name or source_name(data))
     manifest.check(seq_len=seq_len, tokenizer_hash=tokenizer.hash)
-    if tokenizer.vocab_size != vocab:
+    # a Hugging Face model's embedding may have more rows than its tokenizer has ids (padding)
+    padded_ok = isinstance(tokenizer, tok.HFTokenizer) and tokenizer.vocab_size <= vocab
+    if tokenizer.vocab_size != vocab and not padded_ok:
         raise DataError(
             f"tokenizer {tokenizer.path} has vocab {tokenizer.vocab_size} but model.vocab={vocab}"
         )

@@ -1,7 +1,9 @@
 """Token shards: WebDataset tars of packed fixed-length sequences, plus a JSON manifest.
 
-Every sequence is `seq_len` tokens and starts with its dataset's domain token; documents are
-joined with EOS and packed across sequence boundaries (the last partial sequence is dropped).
+Every sequence is `seq_len` tokens and starts with its dataset's first token (its domain token,
+or a Hugging Face tokenizer's BOS; the manifest's first_token); documents are joined with EOS
+and packed across sequence boundaries (the last partial sequence is dropped). Tokens are
+uint16 while the vocabulary fits, else uint32 (the manifest's dtype; readers take the .npy's).
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from forgetless.atomic import atomic_write_text, publish_dir, tmp_name
+from forgetless.atomic import atomic_write_bytes, atomic_write_text, publish_dir, tmp_name
 from forgetless.data import sources
 from forgetless.data.sources import documents, is_valid
-from forgetless.data.tokenizer import Tokenizer
+from forgetless.data.tokenizer import AnyTokenizer
 from forgetless.errors import UserError
 
 FORMAT = "forgetless-shards/1"
-# Bump when the same inputs would give other shards (document splitting, packing, ids).
-PREPARE_VERSION = 2
+# Bump when the same inputs would give other shards (document splitting, packing, ids,
+# the index beside each shard).
+PREPARE_VERSION = 3
 SPLITS = ("train", "valid")
 ENCODE_BATCH = 256
 # Manifest fields, checked on load: name -> (type, what it must be); the optional ones may be
@@ -40,7 +43,8 @@ KINDS = {int: "an integer", str: "a string", dict: "an object", list: "a list",
          NUMBER: "a number"}
 REQUIRED = {"name": str, "seq_len": int, "domain_token": int, "tokenizer": dict,
             "train": dict, "valid": dict}
-OPTIONAL = {"eos_token": int, "dtype": str, "domain_piece": str, "unigram_entropy": NUMBER,
+OPTIONAL = {"eos_token": int, "dtype": str, "first_token": int, "domain_piece": str,
+            "unigram_entropy": NUMBER,
             "documents": int, "source": str, "provenance": dict, "kind": str, "key": str,
             "fingerprint": dict, "seconds": NUMBER}
 TOKENIZER_FIELDS = {"path": str, "hash": str, "vocab": int}
@@ -150,20 +154,45 @@ def load_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def token_dtype(vocab: int) -> np.dtype:
+    """The smallest unsigned dtype holding every id of a vocabulary."""
+    return np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+
+
+def index_path(shard: Path) -> Path:
+    """A shard's index (see data/samples.py): [sequences, 2] int64, the byte offset and size
+    of each sample's tokens.npy member."""
+    return shard.with_name(shard.name + ".idx")
+
+
+def scan_index(shard: Path) -> np.ndarray:
+    """A shard's index, from walking its tar (reading it whole)."""
+    try:
+        with tarfile.open(shard) as tar:
+            rows = [(m.offset_data, m.size) for m in tar if m.name.endswith(".tokens.npy")]
+    except SHARD_ERRORS as e:
+        raise DataError(f"shard {shard}: corrupt or truncated ({type(e).__name__}: {e})") from e
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
 def write_shard(path: Path, sequences: Iterable[np.ndarray], first_key: int = 0,
-                meta: Callable[[int], dict] | None = None) -> int:
-    """Write sequences (uint16) to a tar under a temporary name, then rename; returns the count.
+                meta: Callable[[int], dict] | None = None, dtype: np.dtype = np.uint16) -> int:
+    """Write sequences (as `dtype`) to a tar under a temporary name, index it, then rename;
+    returns the count (a shard under its name always has its index).
 
     `meta(i)` may add a JSON record to sample i (replay provenance)."""
     tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     with wds.TarWriter(str(tmp)) as writer:
         for i, seq in enumerate(sequences):
-            sample = {"__key__": f"{first_key + i:010d}", "tokens.npy": seq.astype(np.uint16)}
+            sample = {"__key__": f"{first_key + i:010d}", "tokens.npy": seq.astype(dtype)}
             if meta is not None:
                 sample["meta.json"] = meta(first_key + i)
             writer.write(sample)
             count += 1
+    buffer = io.BytesIO()
+    np.save(buffer, scan_index(tmp))
+    atomic_write_bytes(index_path(path), buffer.getvalue())
     os.replace(tmp, path)
     return count
 
@@ -171,14 +200,15 @@ def write_shard(path: Path, sequences: Iterable[np.ndarray], first_key: int = 0,
 class _SplitWriter:
     """Packs token streams of one split into sequences and shards."""
 
-    def __init__(self, out: Path, split: str, seq_len: int, domain: int, shard_sequences: int):
+    def __init__(self, out: Path, split: str, seq_len: int, domain: int, shard_sequences: int,
+                 vocab: int):
         self.out, self.split, self.seq_len, self.domain = out, split, seq_len, domain
-        self.shard_sequences = shard_sequences
+        self.shard_sequences, self.dtype = shard_sequences, token_dtype(vocab)
         self.rest = np.zeros(0, dtype=np.int64)  # tokens not yet in a sequence (< seq_len - 1)
         self.pending: list[np.ndarray] = []
         self.shards: list[dict] = []
         self.total = 0
-        self.counts = np.zeros(2**16, dtype=np.int64)  # unigram counts of the written tokens
+        self.counts = np.zeros(vocab, dtype=np.int64)  # unigram counts of the written tokens
 
     def add(self, ids: list[int], eos: int) -> None:
         """Append a document and its EOS, cutting off every full sequence: linear in the
@@ -186,7 +216,7 @@ class _SplitWriter:
         stream = np.concatenate([self.rest, np.asarray(ids, dtype=np.int64), [eos]])
         body = self.seq_len - 1
         n = len(stream) // body
-        block = np.empty((n, self.seq_len), dtype=np.uint16)
+        block = np.empty((n, self.seq_len), dtype=self.dtype)
         block[:, 0] = self.domain
         block[:, 1:] = stream[: n * body].reshape(n, body)
         self.rest = stream[n * body:]
@@ -200,7 +230,8 @@ class _SplitWriter:
             tokens = np.stack(self.pending)[:, 1:].ravel()
             self.counts += np.bincount(tokens, minlength=len(self.counts))
             name = f"{self.split}-{len(self.shards):06d}.tar"
-            count = write_shard(self.out / name, self.pending, first_key=self.total)
+            count = write_shard(self.out / name, self.pending, first_key=self.total,
+                                dtype=self.dtype)
             self.shards.append({"path": name, "sequences": count})
             self.total += count
             self.pending = []
@@ -215,15 +246,16 @@ def split_summary(shards: list[dict], seq_len: int) -> dict:
     return {"shards": shards, "sequences": total, "tokens": total * seq_len}
 
 
-def write_manifest(out: Path, name: str, seq_len: int, domain: int, tokenizer: Tokenizer,
+def write_manifest(out: Path, name: str, seq_len: int, domain: int, tokenizer: AnyTokenizer,
                    splits: dict, **extra) -> None:
     manifest = {
         "format": FORMAT,
         "name": name,
         "seq_len": seq_len,
-        "dtype": "uint16",
+        "dtype": token_dtype(tokenizer.vocab_size).name,
         "domain_token": domain,
-        "domain_piece": tokenizer.sp.id_to_piece(domain),
+        "first_token": domain,
+        "domain_piece": tokenizer.piece(domain),
         "eos_token": tokenizer.eos_id,
         "tokenizer": {"path": str(tokenizer.path.resolve()), "hash": tokenizer.hash,
                       "vocab": tokenizer.vocab_size},
@@ -252,7 +284,7 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def fingerprint_of(source: str, tokenizer: Tokenizer, seq_len: int, name: str,
+def fingerprint_of(source: str, tokenizer: AnyTokenizer, seq_len: int, name: str,
                    valid_fraction: float, shard_sequences: int, text_field: str) -> dict:
     """Everything prepared shards depend on: the source's files and their contents (see
     sources.fingerprint) and every preparation setting."""
@@ -269,7 +301,7 @@ def cache_key(fingerprint: dict) -> str:
 def prepare(
     source: str,
     out_dir: str | Path,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     seq_len: int,
     name: str,
     valid_fraction: float = 0.05,
@@ -280,8 +312,6 @@ def prepare(
     """Tokenize a source into train/valid shards under out_dir, atomically. The manifest
     records the fingerprint (computed unless given) and its key."""
     out = Path(out_dir)
-    if tokenizer.vocab_size > 2**16:
-        raise DataError(f"tokenizer {tokenizer.path}: vocab {tokenizer.vocab_size} > 65536")
     domain = tokenizer.domain_id(name)
     fingerprint = fingerprint or fingerprint_of(source, tokenizer, seq_len, name,
                                                 valid_fraction, shard_sequences, text_field)
@@ -289,12 +319,13 @@ def prepare(
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        writers = {s: _SplitWriter(stage, s, seq_len, domain, shard_sequences) for s in SPLITS}
+        writers = {s: _SplitWriter(stage, s, seq_len, domain, shard_sequences,
+                                   tokenizer.vocab_size) for s in SPLITS}
         n_docs = 0
         start = time.time()
         bar = tqdm(desc=f"tokenizing {name}", unit=" doc", mininterval=1.0)
         for batch in _batched(documents(source, text_field), ENCODE_BATCH):
-            encoded = tokenizer.sp.encode([text for _, text in batch])
+            encoded = tokenizer.encode_batch([text for _, text in batch])
             for (doc_id, _), ids in zip(batch, encoded, strict=True):
                 split = "valid" if is_valid(doc_id, valid_fraction) else "train"
                 writers[split].add(ids, tokenizer.eos_id)
@@ -319,22 +350,3 @@ def prepare(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return load_manifest(out)
-
-
-def read_shard(path: Path, expected: int | None = None) -> Iterator[np.ndarray]:
-    """Sequences of one shard in order; a corrupt or truncated tar is a DataError naming it
-    (other errors, such as a failing disk or memory, propagate as they are)."""
-    n = 0
-    try:
-        for sample in wds.tarfile_samples([{"url": str(path)}]):
-            if "tokens.npy" not in sample:
-                raise DataError(f"shard {path}: corrupt (sample {sample.get('__key__')!r} has "
-                                "no tokens.npy member)")
-            yield np.load(io.BytesIO(sample["tokens.npy"])).astype(np.int64)
-            n += 1
-    except DataError:  # a ValueError itself: the missing member above
-        raise
-    except SHARD_ERRORS as e:
-        raise DataError(f"shard {path}: corrupt or truncated ({type(e).__name__}: {e})") from e
-    if expected is not None and n != expected:
-        raise DataError(f"shard {path}: holds {n} sequences, the manifest says {expected}")

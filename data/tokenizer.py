@@ -4,6 +4,11 @@ Every tokenizer trained here also has the generic first token `<|text|>`, which 
 sequences of a dataset it has no own token for (a user's data on the built-in tokenizer).
 Saved as `tokenizer.model` plus `tokenizer.json` (content hash, vocab, domain ids, generic id,
 sources); the hash is what manifests and checkpoints record to catch mismatches.
+
+A Hugging Face tokenizer directory (tokenizer_config.json beside tokenizer.json) loads as an
+`HFTokenizer` with the same interface: it has no domain markers, so its sequences start with
+its BOS (EOS where it has none), as the paper does for Llama. `export_hf` writes either kind in
+the form transformers' AutoTokenizer loads, the sentencepiece one with identical ids.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
 from forgetless.atomic import atomic_write_bytes, atomic_write_text
 from forgetless.data.sources import documents, source_name
@@ -52,6 +59,13 @@ class Tokenizer:
     def eos_id(self) -> int:
         return EOS_ID
 
+    @property
+    def bos_id(self) -> int | None:
+        return None  # sequences start with a domain token instead
+
+    def piece(self, token: int) -> str:
+        return self.sp.id_to_piece(token)
+
     def domain_id(self, name: str) -> int:
         """The dataset's own marker token, else the generic one."""
         if name in self.domains:
@@ -67,8 +81,99 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "chat_template.jinja")
+
+
+@dataclass
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the sentencepiece Tokenizer's interface."""
+
+    hf: PreTrainedTokenizerBase
+    path: Path
+    hash: str
+    domains: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eos_id(self) -> int:
+        return self.hf.eos_token_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    def piece(self, token: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(token))
+
+    def domain_id(self, name: str) -> int:
+        """Every dataset's first token: BOS, or EOS for a tokenizer without one."""
+        return self.eos_id if self.bos_id is None else self.bos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def is_hf_tokenizer(path: str | Path) -> bool:
+    """A directory with Hugging Face tokenizer files (forgetless's own has tokenizer.model and
+    its metadata in tokenizer.json, but no tokenizer_config.json)."""
+    return (Path(path) / "tokenizer_config.json").is_file()
+
+
+def load_hf(path: str | Path) -> HFTokenizer:
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in HF_FILES:
+        if (path / name).is_file():
+            digest.update(name.encode() + (path / name).read_bytes())
+    try:
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise TokenizerError(f"tokenizer {path}: transformers cannot load it ({e})") from e
+    if hf.eos_token_id is None:
+        raise TokenizerError(f"tokenizer {path}: has no EOS token (eos_token in "
+                             f"tokenizer_config.json), which joins documents")
+    return HFTokenizer(hf=hf, path=path, hash=digest.hexdigest())
+
+
+def export_hf(tokenizer: AnyTokenizer, out_dir: str | Path,
+              bos_token: str | None = None) -> list[str]:
+    """Files AutoTokenizer loads into `out_dir` (names returned): a Hugging Face tokenizer as
+    it is; a sentencepiece one converted by transformers' own SentencePiece converter, which
+    follows the model's normalizer settings, so the ids are identical. bos_token: the piece
+    sequences start with (the data's domain token)."""
+    out = Path(out_dir)
+    if isinstance(tokenizer, HFTokenizer):
+        return [Path(f).name for f in tokenizer.hf.save_pretrained(out)]
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(tokenizer.sp.serialized_model_proto())
+    vocab = {tokenizer.piece(i): i for i in range(tokenizer.vocab_size)}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=SpmConverter.build_tokenizer_from_spm_proto(proto, vocab),
+        eos_token=tokenizer.piece(EOS_ID), unk_token=tokenizer.piece(UNK_ID),
+        bos_token=bos_token, additional_special_tokens=[
+            domain_piece(d) for d in tokenizer.domains] + (
+            [GENERIC_PIECE] if tokenizer.generic is not None else []))
+    return [Path(f).name for f in fast.save_pretrained(out)]
 
 
 def _chunks(texts: Iterable[str]) -> Iterator[str]:
@@ -145,8 +250,11 @@ def save(model: bytes, out_dir: str | Path, domains: list[str], sources: list[st
     return load(out / "tokenizer.model")
 
 
-def load(path: str | Path) -> Tokenizer:
+def load(path: str | Path) -> AnyTokenizer:
+    """A forgetless tokenizer (its directory or tokenizer.model) or a Hugging Face one."""
     path = Path(path)
+    if is_hf_tokenizer(path):
+        return load_hf(path)
     if path.is_dir():
         path = path / "tokenizer.model"
     meta_path = path.with_suffix(".json")

@@ -5,6 +5,10 @@ megatron-core distributed checkpoints (every rank writes its shards; loadable un
 TP/PP/DP layout), state.json holds the step, token count, every loader's state, resolved
 config, and the tokenizer and manifest references. Everything is written into a hidden
 directory that is renamed into place once every rank has finished.
+
+A Hugging Face model directory (config.json + safetensors + tokenizer files) is accepted
+wherever a checkpoint is: it reads as a step-0 checkpoint whose tokenizer is its own and which
+records no data (`hf_state`), and each rank loads only its slices of the weights (`forgetless.hf`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException
 
-from forgetless import lora, parallel
+from forgetless import hf, lora, parallel
 from forgetless.atomic import publish_dir
-from forgetless.config import ModelConfig, load_dict
+from forgetless.config import EvalConfig, ModelConfig, OptConfig, load_dict, to_dict
+from forgetless.data import tokenizer as tok
 from forgetless.errors import UserError
+from forgetless.fast_path import OFF, FastPath
 from forgetless.model import build_model
 
 PREFIX = "step_"
@@ -83,11 +89,12 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory's newest checkpoint."""
+    """A checkpoint directory, a Hugging Face model directory, or a run directory's newest
+    checkpoint."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such directory")
-    if (path / "state.json").exists() or (path / "model").exists():
+    if (path / "state.json").exists() or (path / "model").exists() or hf.is_hf_model(path):
         return path
     found = latest(path)
     if found is None:
@@ -170,7 +177,23 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, stat
     return final
 
 
+def hf_state(path: Path) -> dict:
+    """What a Hugging Face model directory stands for as a checkpoint: step 0, its own
+    architecture and tokenizer, no data (`manifest` None) and the default run settings."""
+    try:
+        tokenizer = tok.load(path)
+    except UserError as e:
+        raise CheckpointError(f"checkpoint {path}: a Hugging Face model needs its tokenizer "
+                              f"files beside config.json ({e})") from e
+    return {"step": 0, "model": hf.model_config(path).resolved(), "hf_model": str(path),
+            "tokenizer": {"path": str(path.resolve()), "hash": tokenizer.hash},
+            "manifest": None, "config": {"eval": to_dict(EvalConfig()),
+                                         "opt": to_dict(OptConfig())}}
+
+
 def read_state(path: Path) -> dict:
+    if hf.is_hf_model(path):
+        return hf_state(path)
     if not (path / "model").is_dir():
         raise CheckpointError(f"checkpoint {path}: no weights (model/ is missing)")
     if not (path / "state.json").exists():
@@ -182,7 +205,9 @@ def read_state(path: Path) -> dict:
 
 
 def check_model_config(path: Path, saved: dict, current: dict) -> None:
-    """Refuse a checkpoint of another architecture, naming the keys that differ."""
+    """Refuse a checkpoint of another architecture, naming the keys that differ (keys older
+    checkpoints lack have their defaults)."""
+    saved = load_dict(ModelConfig, saved).resolved()
     diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} here"
             for k, v in current.items() if saved.get(k) != v]
     if diff:
@@ -247,11 +272,14 @@ def unloadable(error: BaseException) -> bool:
             and any(m in str(error) for m in MISMATCH))
 
 
-def _restore(path: Path) -> tuple[torch.nn.Module, dict]:
+def _restore(path: Path, fast: FastPath) -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint records, built for the current layout (with its LoRA adapters,
     if any), loaded; and its state."""
     state = read_state(path)
-    model = build_model(load_dict(ModelConfig, state["model"]))
+    model = build_model(load_dict(ModelConfig, state["model"]), fast, initialise=False)
+    if state.get("hf_model"):
+        hf.load_weights(model, path)
+        return model, state
     if state.get("lora"):
         lora.apply(model, state["lora"]["rank"], state["lora"]["alpha"])
     load(path, model)
@@ -260,14 +288,14 @@ def _restore(path: Path) -> tuple[torch.nn.Module, dict]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights as saved (LoRA adapters beside their frozen base weights)."""
-    model, _ = _restore(path)
+    model, _ = _restore(path, OFF)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, fast: FastPath = OFF) -> tuple[torch.nn.Module, dict]:
     """The model a checkpoint holds, built for the current layout (a LoRA finetune's adapters
-    folded in), and its state."""
-    model, state = _restore(path)
+    folded in) and, to be trained, with the run's fast path; and its state."""
+    model, state = _restore(path, fast)
     if state.get("lora"):
         lora.merge(model)
         model.requires_grad_(True)
@@ -277,7 +305,8 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
 def content_hash(path: Path) -> str:
     """sha256 of a checkpoint's weight files (names and bytes): what replay provenance records."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in (path / "model").rglob("*") if p.is_file()):
+    files = path.glob("*.safetensors") if hf.is_hf_model(path) else (path / "model").rglob("*")
+    for file in sorted(p for p in files if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

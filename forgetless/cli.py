@@ -19,6 +19,7 @@ PROGRAMS = {
     "evaluate": ("evaluate:run", config.EvaluateConfig, "validation loss of a checkpoint"),
     "generate": ("generate:run", config.GenerateConfig, "sample self-generated replay shards"),
     "finetune": ("finetune:run", config.FinetuneConfig, "finetune with or without replay"),
+    "export": ("export:run", config.ExportConfig, "write a checkpoint as a Hugging Face model"),
     "data prepare": ("prepare:run", config.PrepareConfig, "tokenize a source into shards"),
     "data tokenizer": ("prepare:train_tokenizer", config.TokenizerConfig,
                        "train a BPE tokenizer on sources"),

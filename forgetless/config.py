@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -53,6 +54,13 @@ class ModelConfig:
     qk_norm: bool = True
     rope_base: float = 10000.0
     init_std: float = 0.02
+    query_groups: int = 0
+    tie_embeddings: bool = False
+    rope_scaling_factor: float = 0.0
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
+    vocab_multiple: int = 1
+    max_positions: int = 0
 
     HELP: ClassVar[dict[str, str]] = {
         "hidden": "width of the residual stream",
@@ -66,6 +74,16 @@ class ModelConfig:
         "qk_norm": "RMSNorm on queries and keys",
         "rope_base": "RoPE frequency base",
         "init_std": "standard deviation of the initial weights",
+        "query_groups": "key/value heads (grouped-query attention); 0: one per attention head",
+        "tie_embeddings": "the output layer shares the input embedding's weights",
+        "rope_scaling_factor": "Llama-3 RoPE scaling factor (low 1, high 4, original 8192); "
+                               "0: no scaling",
+        "qkv_bias": "biases on the query, key and value projections (Qwen2)",
+        "norm_eps": "RMSNorm epsilon",
+        "vocab_multiple": "pad the embedding rows to a multiple of this (for TP); padded rows "
+                          "are trimmed on export",
+        "max_positions": "positions the model is meant for (exported as "
+                         "max_position_embeddings); 0: seq_len",
     }
 
     def __post_init__(self) -> None:
@@ -77,6 +95,14 @@ class ModelConfig:
         _check(self.ffn_hidden >= 0, "model.ffn_hidden", "must be >= 0")
         _check(self.heads or self.hidden % self.head_dim == 0, "model.head_dim",
                "must divide model.hidden (or set model.heads)")
+        _check(self.query_groups >= 0, "model.query_groups", "must be >= 0")
+        _check(not self.query_groups or self.num_heads % self.query_groups == 0,
+               "model.query_groups", f"must divide the attention heads ({self.num_heads})")
+        _check(self.rope_scaling_factor == 0 or self.rope_scaling_factor >= 1,
+               "model.rope_scaling_factor", "must be 0 (off) or >= 1")
+        _check(self.norm_eps > 0, "model.norm_eps", "must be positive")
+        _check(self.vocab_multiple >= 1, "model.vocab_multiple", "must be >= 1")
+        _check(self.max_positions >= 0, "model.max_positions", "must be >= 0")
 
     # Derived sizes are properties, not rewritten fields: defaults are validated before
     # overrides apply, so a value derived then would be stale.
@@ -90,9 +116,20 @@ class ModelConfig:
             return self.ffn_hidden
         return -(-8 * self.hidden // 3 // 64) * 64 if self.mlp == "swiglu" else 4 * self.hidden
 
+    @property
+    def num_query_groups(self) -> int:
+        return self.query_groups or self.num_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and output layer: vocab rounded up to vocab_multiple."""
+        return -(-self.vocab // self.vocab_multiple) * self.vocab_multiple
+
     def resolved(self) -> dict:
         """Every architecture-defining value, derived ones filled in."""
-        return {**asdict(self), "heads": self.num_heads, "ffn_hidden": self.ffn_size}
+        return {**asdict(self), "heads": self.num_heads, "ffn_hidden": self.ffn_size,
+                "query_groups": self.num_query_groups,
+                "max_positions": self.max_positions or self.seq_len}
 
 
 @dataclass
@@ -223,22 +260,27 @@ class DataConfig:
     valid_fraction: float = 0.05
     shard_sequences: int = 8192
     workers: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_window: int = 65536
 
     HELP: ClassVar[dict[str, str]] = {
-        "tokenizer": "'builtin' (trained on both stdlib corpora) or a tokenizer directory",
+        "tokenizer": "'builtin' (trained on both stdlib corpora), a forgetless tokenizer "
+                     "directory, or a Hugging Face one (sequences then start with its BOS)",
         "text_field": "the JSONL field holding the text",
         "valid_fraction": "fraction of documents held out for validation",
         "shard_sequences": "sequences per shard file",
         "workers": "loader worker processes per rank",
-        "shuffle_buffer": "sequences in the loader's shuffle buffer",
+        "shuffle_window": "sequences permuted together after the shards are shuffled (at least "
+                          "the split's size: a full permutation each epoch)",
     }
 
     def __post_init__(self) -> None:
         _check(0 < self.valid_fraction < 1, "data_opts.valid_fraction", "must be in (0, 1)")
         _check(self.shard_sequences > 0, "data_opts.shard_sequences", "must be positive")
         _check(self.workers >= 0, "data_opts.workers", "must be >= 0")
-        _check(self.shuffle_buffer >= 1, "data_opts.shuffle_buffer", "must be >= 1")
+        _check(self.shuffle_window >= 1, "data_opts.shuffle_window", "must be >= 1")
+
+
+SWITCH_WORDS = {"true": "on", "false": "off"}
 
 
 @dataclass
@@ -249,18 +291,44 @@ class ParallelConfig:
     pp: int = 1
     microbatches: int = 1
     distributed_optimizer: bool = False
+    sequence_parallel: str = "auto"
+    overlap_grad_reduce: str = "auto"
+    overlap_param_gather: str = "auto"
+    fusions: str = "auto"
+    recompute: str = "none"
 
     HELP: ClassVar[dict[str, str]] = {
         "tp": "tensor-parallel ranks",
         "pp": "pipeline stages",
         "microbatches": "microbatches per step and DP rank (pipelining wants several, e.g. 2 x pp)",
         "distributed_optimizer": "shard the optimizer state over data-parallel ranks",
+        "sequence_parallel": "auto|on|off: split norms and activations along the sequence over "
+                             "TP ranks (auto: on GPUs with tp > 1 and transformer_engine)",
+        "overlap_grad_reduce": "auto|on|off: reduce gradients during the backward pass (auto: "
+                               "on GPUs with DP > 1)",
+        "overlap_param_gather": "auto|on|off: gather the distributed optimizer's parameters "
+                                "during the forward pass (auto: on GPUs where it applies)",
+        "fusions": "auto|on|off: megatron's fused bias-SwiGLU, and RoPE with transformer_engine "
+                   "(auto: on GPUs)",
+        "recompute": "none|selective|full: recompute activations in the backward pass "
+                     "(selective: core attention; full: every layer)",
     }
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "microbatches"):
             _check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        for key in ("sequence_parallel", "overlap_grad_reduce", "overlap_param_gather",
+                    "fusions"):
+            # YAML reads on/off (and true/false) as booleans, which arrive here as "True"
+            value = SWITCH_WORDS.get(str(getattr(self, key)).lower(), getattr(self, key))
+            _one_of(value, f"parallel.{key}", ("auto", "on", "off"))
+            setattr(self, key, value)
+        _one_of(self.recompute, "parallel.recompute", ("none", "selective", "full"))
 
+
+# ParallelConfig keys that only a training run uses (forgetless/fast_path.py)
+TRAINING_SWITCHES = ("microbatches", "distributed_optimizer", "sequence_parallel",
+                     "overlap_grad_reduce", "overlap_param_gather", "fusions", "recompute")
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 
@@ -380,7 +448,8 @@ class TokenizerConfig:
                "must be distinct")
 
 
-CHECKPOINT_HELP = "a checkpoint directory, or a run directory (its newest checkpoint)"
+CHECKPOINT_HELP = ("a checkpoint directory, a run directory (its newest checkpoint), or a "
+                   "Hugging Face model directory")
 
 
 @dataclass
@@ -396,6 +465,32 @@ class EvaluateConfig:
         "data": "data to evaluate on; '': the checkpoint's own validation data",
         "max_sequences": "validation sequences; 0: the whole validation split",
     }
+
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExportConfig:
+    """A checkpoint as a Hugging Face model directory (what `transformers` loads)."""
+
+    checkpoint: str = ""
+    out: str = ""
+    dtype: str = "float32"
+    max_shard_size: str = "5GB"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "checkpoint": CHECKPOINT_HELP + ", saved under any TP/PP layout (LoRA merged)",
+        "out": "the model directory to write (replaced whole, atomically, if it exists)",
+        "dtype": f"weight dtype: {', '.join(EXPORT_DTYPES)}",
+        "max_shard_size": "largest safetensors file (e.g. 5GB, 500MB); bigger models are sharded",
+    }
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, "dtype", EXPORT_DTYPES)
+        _check(bool(re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", self.max_shard_size.strip(),
+                                 re.IGNORECASE)),
+               "max_shard_size", f"{self.max_shard_size!r} is not a size such as 500MB or 5GB")
 
 
 @dataclass
@@ -466,6 +561,10 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _check(self.parallel.pp == 1, "parallel.pp", "generation runs with pp=1 (use tp and DP)")
+        defaults = ParallelConfig()
+        for key in TRAINING_SWITCHES:
+            _check(getattr(self.parallel, key) == getattr(defaults, key), f"parallel.{key}",
+                   "applies to training; generation does not train")
         for key in ("samples", "batch_size", "shard_samples"):
             _check(getattr(self, key) > 0, key, "must be positive")
         _check(self.first_id >= 0, "first_id", "must be >= 0")
@@ -583,9 +682,10 @@ class FinetuneConfig:
     BUDGET: ClassVar[int] = 500_000  # downstream tokens when no stop condition is set
     HELP: ClassVar[dict[str, str]] = {
         **RUN_HELP,
-        "checkpoint": "the pretrained checkpoint (or its run directory)",
+        "checkpoint": "the pretrained checkpoint, its run directory, or a Hugging Face model",
         "data": "the downstream data: built-in corpus, local source, or manifest.json",
-        "prev_data": "previous-distribution data for prev_* metrics; '': the checkpoint's",
+        "prev_data": "previous-distribution data (source or manifest) for prev_* metrics and real "
+                     "replay; '': the checkpoint's (required for a Hugging Face base)",
         "method": f"one of {', '.join(METHODS)}",
         "lam": "the paper's lambda: replay loss weight; for replace, the replay fraction",
     }

@@ -6,38 +6,9 @@ on GPUs none of this is installed and the library's normal path runs.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.tensor_parallel import random as megatron_random
 from torch.overrides import TorchFunctionMode
-
-
-class SDPACoreAttention(MegatronModule):
-    """Core attention through torch's scaled_dot_product_attention.
-
-    Why: megatron's local DotProductAttention takes its score buffer from
-    parallel_state.get_global_memory_buffer(), which allocates on torch.cuda.current_device(),
-    and forks the CUDA RNG tracker for attention dropout. SDPA needs neither.
-    """
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, **_: object):
-        super().__init__(config=config)
-        if attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"SDPACoreAttention supports causal masks only, got {attn_mask_type}")
-        self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, attn_mask_type=None,
-                **_: object) -> torch.Tensor:
-        # megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim]
-        # (whole causal sequences only: decoding has its own attention, forgetless/decode.py)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        s, b = query.size(0), query.size(1)
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def on_cpu() -> bool:
@@ -97,4 +68,8 @@ def install() -> None:
     # Why: timers and schedules call synchronize between steps; there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
     torch.Tensor.type = _cuda_type_name
+    # Why: activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA
+    # RNG state around each recomputed block; there is none (and no dropout to replay).
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
     CudaToCpu().__enter__()

@@ -17,6 +17,7 @@ import torch
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -72,6 +73,10 @@ def apply(model: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
         linear.lora_b = nn.Parameter(torch.zeros(out_local, rank, device=linear.weight.device))
         linear.lora_scale, linear.lora_column = alpha / rank, column
         linear.lora_glu = glu and name == "linear_fc1"
+        # the TP-split factor is marked so that the gradient norm counts every rank's slice
+        split = linear.lora_b if column else linear.lora_a
+        set_tensor_model_parallel_attributes(split, True, 0 if column else 1,
+                                             2 if linear.lora_glu else 1)
         linear.lora_hook = linear.register_forward_hook(_forward_hook)
         linear.sharded_state_dict = types.MethodType(_sharded_state_dict, linear)
         params += [linear.lora_a, linear.lora_b]

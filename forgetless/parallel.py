@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,13 +15,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from forgetless import cpu_shims
+from forgetless import cpu_shims, host_memory
 from forgetless.errors import UserError
 
 
 def init(seed: int, threads: int = 0, tp: int = 1, pp: int = 1) -> None:
     """Process groups, CPU shims, seeds, and torch's intra-op threads (0: torch's default)."""
     cpu_shims.install()
+    if not torch.cuda.is_available():
+        host_memory.keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
@@ -114,13 +117,19 @@ def split_rows(batch: torch.Tensor | None) -> torch.Tensor | None:
     return batch[dp_rank() * share:(dp_rank() + 1) * share]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on one (preemption, NaN): all stop together."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def from_main(digest: Callable[[], str]) -> str:
+    """A hex digest computed on rank 0 alone (hashing files every rank would otherwise read),
+    given to every rank."""
+    if world_size() == 1:
+        return digest()
+    value = digest().encode() if is_main() else b""
+    size = torch.tensor([len(value)], device=device())
+    dist.broadcast(size, 0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device())
+    if is_main():
+        buffer.copy_(torch.frombuffer(bytearray(value), dtype=torch.uint8))
+    dist.broadcast(buffer, 0)
+    return bytes(buffer.cpu().tolist()).decode()
 
 
 def from_last_stage(values: dict[str, float] | None) -> dict[str, float]:

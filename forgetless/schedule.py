@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from forgetless import parallel
@@ -86,7 +87,32 @@ def totals(results: list[dict]) -> dict[str, float] | None:
     return out
 
 
-def reduce(results: list[dict]) -> dict[str, float]:
-    """The step's objective and extras, averaged over DP ranks, known to every rank."""
-    return {k: v / parallel.dp_size()
-            for k, v in parallel.from_last_stage(totals(results)).items()}
+# What a training step's microbatches may report (the objective first): a fixed table, so
+# that every rank, on any pipeline stage, knows the slots of the step's one reduction.
+STEP_METRICS = ("loss", "down_loss", "reg_loss")
+
+
+def reduce(results: list[dict], flag: bool) -> tuple[dict[str, float], bool]:
+    """The step's objective and extras averaged over DP ranks, and whether the flag (e.g. a
+    preemption signal) is up on any rank: one all-reduce of one tensor, one host sync.
+
+    Each metric has a (sum, count) pair of slots; the last stage's first TP rank of each DP
+    rank adds its microbatches' values (on the device), every other rank adds zeros."""
+    slots = torch.zeros(2 * len(STEP_METRICS) + 1, dtype=torch.float64,
+                        device=parallel.device())
+    if parallel.is_last_stage() and parallel.tp_rank() == 0:
+        for record in results:
+            for key, value in record.items():
+                if key not in STEP_METRICS:
+                    raise KeyError(f"a microbatch reported {key!r}, which is not one of "
+                                   f"schedule.STEP_METRICS {STEP_METRICS}")
+                i = 2 * STEP_METRICS.index(key)
+                slots[i] += value.detach().double()
+                slots[i + 1] += 1
+    slots[-1] = float(flag)
+    if parallel.world_size() > 1:
+        dist.all_reduce(slots)
+    values = slots.tolist()
+    found = {key: values[2 * i] / parallel.dp_size() for i, key in enumerate(STEP_METRICS)
+             if values[2 * i + 1]}
+    return found, values[-1] > 0

@@ -11,7 +11,8 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from forgetless.config import (
     StopConfig,
 )
 from forgetless.errors import Preempted
+from forgetless.fast_path import OFF, FastPath
 from forgetless.metrics import MetricsLog
 from forgetless.optim import build_optimizer, lr_at, set_lr
 
@@ -62,12 +64,38 @@ def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
     return min(limits) if limits else None
 
 
-def trainable(model: torch.nn.Module, opt: OptConfig, layout: ParallelConfig):
-    """The model in megatron's DDP (gradients averaged over DP ranks) and its optimizer."""
+def trainable(model: torch.nn.Module, opt: OptConfig, layout: ParallelConfig,
+              fast: FastPath = OFF):
+    """The model in megatron's DDP (gradients averaged over DP ranks) and its optimizer.
+
+    With overlap, the pipeline schedules hold the reduction back while microbatches
+    accumulate (no_sync), start it as each model chunk's backward ends, and let the forward
+    pass gather the distributed optimizer's parameters (as Megatron-LM wires them)."""
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distributed_optimizer), model)
-    model.config.finalize_model_grads_func = finalize_model_grads  # the DP all-reduce
+        grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distributed_optimizer,
+        overlap_grad_reduce=fast.overlap_grad_reduce,
+        overlap_param_gather=fast.overlap_param_gather), model)
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads  # the DP all-reduce
+    if fast.overlap_grad_reduce:
+        config.no_sync_func, config.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
+    if fast.overlap_param_gather:
+        config.param_sync_func = ddp.start_param_sync
     return ddp, build_optimizer(ddp, opt, layout.distributed_optimizer)
+
+
+@contextmanager
+def params_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """With overlap_param_gather the optimizer's updated parameters reach the model in the
+    next forward's pre-hooks: gather them now, for an evaluation or a save."""
+    overlapped = getattr(getattr(model, "ddp_config", None), "overlap_param_gather", False)
+    if overlapped:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if overlapped:
+            model.enable_forward_pre_hook()
 
 
 class Batches(Protocol):
@@ -107,15 +135,16 @@ class Run:
     stale: int = 0
 
 
-def train_step(run: Run, batch: Any) -> tuple[float, float, dict]:
-    """One optimizer step over the batch's microbatches; (loss, grad norm, extras) as every
-    rank sees them."""
+def train_step(run: Run, batch: Any, stopping: Callable[[], bool] = bool
+               ) -> tuple[float, float, dict, bool]:
+    """One optimizer step over the batch's microbatches: (loss, grad norm, extras, whether
+    `stopping()` held on any rank after the step), as every rank sees them."""
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
     results = schedule.run(run.model, run.plan(parallel.to_device(batch)), forward_only=False)
     _, grad_norm, _ = run.optimizer.step()
-    extra = schedule.reduce(results)
-    return extra.pop("loss"), float(grad_norm), extra
+    extra, stop = schedule.reduce(results, stopping())
+    return extra.pop("loss"), float(grad_norm), extra, stop
 
 
 def _converged(run: Run, valid_ntp: float) -> bool:
@@ -180,7 +209,8 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
     try:
         while True:
             set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
-            loss, grad_norm, extra = train_step(run, next(run.data))
+            loss, grad_norm, extra, preempted = train_step(
+                run, next(run.data), lambda: signals.received is not None)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 raise FloatingPointError(
                     f"step {run.step + 1}: loss {loss}, grad norm {grad_norm}; the last good "
@@ -205,7 +235,8 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
                     **extra,
                 }
                 if evaluate_now:
-                    record.update(run.eval_fn())
+                    with params_gathered(run.model):
+                        record.update(run.eval_fn())
                     done = done or _converged(run, record["valid_ntp"])
                 write(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}",
@@ -214,9 +245,9 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
                                    if "valid_ntp" in record else {}))
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             run.finished = done
-            preempted = parallel.any_rank(signals.received is not None)
             if done or preempted or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
-                path = _save(run, record)
+                with params_gathered(run.model):
+                    path = _save(run, record)
             if done:  # a signal at the last step: finished, nothing to requeue
                 return record
             if preempted:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from forgetless import checkpoint, config, parallel
-from forgetless.config import EvaluateConfig
+from forgetless.config import ConfigError, EvaluateConfig
 from forgetless.data import tokenizer as tok
 from forgetless.data.shards import load_manifest
 from forgetless.evaluation import eval_set, evaluate
@@ -14,6 +14,9 @@ def run(cfg: EvaluateConfig) -> dict:
     path = checkpoint.resolve(cfg.checkpoint)
     state = checkpoint.read_state(path)
     parallel.init(0)
+    if not (cfg.data or state["manifest"]):
+        raise ConfigError(f"data: is required: {path} is a Hugging Face model, which records "
+                          f"no validation data (give a manifest tokenized with its tokenizer)")
     model, _ = checkpoint.load_model(path)
     manifest = load_manifest(cfg.data or state["manifest"])
     manifest.check(seq_len=state["model"]["seq_len"], tokenizer_hash=state["tokenizer"]["hash"])

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, kernels, lora, losses, parallel, runlock, schedule
+from forgetless import (
+    checkpoint,
+    config,
+    fast_path,
+    kernels,
+    lora,
+    losses,
+    parallel,
+    runlock,
+    schedule,
+)
 from forgetless.config import FinetuneConfig, KernelsConfig, SamplingConfig
 from forgetless.data import catalog
 from forgetless.data import tokenizer as tok
@@ -229,10 +239,11 @@ def _inputs(cfg: FinetuneConfig) -> Inputs:
     model_cfg = config.load_dict(config.ModelConfig, base["model"])
     tokenizer, down = catalog.resolve(cfg.data, cfg.cache_dir, model_cfg.seq_len,
                                       model_cfg.vocab, _tokenizer_opts(cfg, base))
-    prev = load_manifest(cfg.prev_data or base["manifest"])
+    prev = _prev_data(cfg, base, base_path, model_cfg)
     for manifest, what in ((down, "data"), (prev, "prev_data")):
         _check_matches(manifest, base, what)
-    base_hash = checkpoint.content_hash(base_path)  # reads every weight file: once per run
+    # reads every weight file: once per run, on rank 0
+    base_hash = parallel.from_main(lambda: checkpoint.content_hash(base_path))
     about = {"replay_foreign": False, "replay_checkpoint_hash":
              base_hash if cfg.replay.source == "onthefly" else None}
     source = None
@@ -242,6 +253,25 @@ def _inputs(cfg: FinetuneConfig) -> Inputs:
         if cfg.replay.source == "self":
             about = replay_provenance(cfg, source, base_path, base_hash)
     return Inputs(base_path, base_hash, model_cfg, tokenizer, down, prev, source, about)
+
+
+def _prev_data(cfg: FinetuneConfig, base: dict, base_path: Path,
+               model_cfg: config.ModelConfig) -> Manifest:
+    """The previous distribution: prev_data (a manifest, or a source tokenized like the base),
+    else the data the base was trained on (which a Hugging Face model does not record)."""
+    if catalog.is_manifest(cfg.prev_data):
+        return load_manifest(cfg.prev_data)
+    if cfg.prev_data:
+        opts = config.DataConfig(**{**config.to_dict(cfg.data_opts),
+                                    "tokenizer": base["tokenizer"]["path"]})
+        return catalog.resolve(cfg.prev_data, cfg.cache_dir, model_cfg.seq_len,
+                               model_cfg.vocab, opts)[1]
+    if not base["manifest"]:
+        raise config.ConfigError(
+            f"prev_data: is required: the base {base_path} is a Hugging Face model, which "
+            f"records no pretraining data; give data that shows what it knew (a source or "
+            f"manifest) to measure forgetting on and replay from")
+    return load_manifest(base["manifest"])
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -261,11 +291,12 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
     teacher = with_precision(checkpoint.load_model(base_path)[0], cfg.opt.precision)
     teacher.requires_grad_(False)
     teacher.eval()
-    student, _ = checkpoint.load_model(base_path)
+    fast = fast_path.resolve(cfg.parallel, model_cfg.seq_len, parallel.dp_size())
+    student, _ = checkpoint.load_model(base_path, fast)
     if cfg.method == "lora":
         lora.apply(student, cfg.lora.rank, cfg.lora.alpha)
     student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
-                                   cfg.parallel)
+                                   cfg.parallel, fast)
 
     state = initial_state({"down": None, "replay": None})
     resume_from = checkpoint.resume_path(run_dir, cfg.resume)
@@ -283,7 +314,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
 
     n_replay = replay_rows(cfg)
     dp = dict(rank=parallel.dp_rank(), world=parallel.dp_size(),
-              shuffle_buffer=cfg.data_opts.shuffle_buffer)
+              shuffle_window=cfg.data_opts.shuffle_window)
     down_rows = cfg.opt.batch_size - (n_replay if cfg.method == "replace" else 0)
     down_loader = Loader(StreamSpec(down, "train", down_rows, seed=cfg.seed, **dp),
                          cfg.data_opts.workers, state["data"]["down"])

@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -25,6 +24,7 @@ from forgetless.data.shards import (
     DataError,
     load_manifest,
     split_summary,
+    token_dtype,
     write_manifest,
     write_shard,
 )
@@ -36,7 +36,7 @@ PLAN = "generation.json"
 def _plan(cfg: GenerateConfig, path: Path, state: dict, domain: int) -> dict:
     return {
         "checkpoint": str(path.resolve()),
-        "checkpoint_hash": checkpoint.content_hash(path),
+        "checkpoint_hash": parallel.from_main(lambda: checkpoint.content_hash(path)),
         "seed": cfg.seed,
         "sampling": to_dict(cfg.sampling),
         "sample_ids": [cfg.first_id, cfg.first_id + cfg.samples],
@@ -65,10 +65,13 @@ def run(cfg: GenerateConfig) -> dict:
     parallel.init(cfg.seed, cfg.threads, cfg.parallel.tp)
     model, _ = checkpoint.load_model(path)
     tokenizer = tok.load(state["tokenizer"]["path"])
-    source = load_manifest(state["manifest"])
+    # samples start as the training data did: its domain token, or a Hugging Face model's BOS
+    source = load_manifest(state["manifest"]) if state["manifest"] else None
+    first_token = source.domain_token if source else tokenizer.domain_id("")
+    name = source.name if source else path.resolve().name
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan(cfg, path, state, source.domain_token)
+    plan = _plan(cfg, path, state, first_token)
     _check_plan(out, plan)
     seq_len = plan["seq_len"]
 
@@ -86,13 +89,14 @@ def run(cfg: GenerateConfig) -> dict:
         ids = torch.arange(first, min(first + cfg.shard_samples, cfg.first_id + cfg.samples))
         sequences = []
         for batch in ids.split(cfg.batch_size):
-            sequences.append(generate(model, source.domain_token, batch, seq_len, cfg.seed,
+            sequences.append(generate(model, first_token, batch, seq_len, cfg.seed,
                                       **to_dict(cfg.sampling), **to_dict(cfg.kernels)))
             bar.update(batch.numel() * seq_len)
         if parallel.tp_rank():  # tensor-parallel peers sampled the same tokens
             continue
-        tokens = torch.cat(sequences).cpu().numpy().astype(np.uint16)
-        write_shard(out / names[k], tokens, first_key=first,
+        dtype = token_dtype(tokenizer.vocab_size)
+        tokens = torch.cat(sequences).cpu().numpy().astype(dtype)
+        write_shard(out / names[k], tokens, first_key=first, dtype=dtype,
                     meta=lambda i: {"sample_id": i, "seed": cfg.seed,
                                     "checkpoint_hash": plan["checkpoint_hash"],
                                     **to_dict(cfg.sampling)})
@@ -104,7 +108,7 @@ def run(cfg: GenerateConfig) -> dict:
               for n, s in zip(names, starts, strict=True)]
     if parallel.is_main():
         splits = {"train": split_summary(shards, seq_len), "valid": split_summary([], seq_len)}
-        write_manifest(out, source.name, seq_len, source.domain_token, tokenizer, splits,
+        write_manifest(out, name, seq_len, first_token, tokenizer, splits,
                        kind="replay", source=f"self-generated from {path}", provenance=plan)
     return {"manifest": str(out / "manifest.json"), "samples": cfg.samples,
             "generated_tokens": todo * seq_len,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from forgetless import checkpoint, config, parallel, runlock
+from forgetless import checkpoint, config, fast_path, parallel, runlock
 from forgetless.config import ConfigError, PretrainConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
@@ -57,9 +57,11 @@ def _entropy(manifest: Manifest) -> str:
 def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
               manifest: Manifest) -> dict:
     """The run, with run_dir locked and cleaned."""
-    model = build_model(cfg.model)
+    fast = fast_path.resolve(cfg.parallel, cfg.model.seq_len, parallel.dp_size())
+    model = build_model(cfg.model, fast, initialise=False)
     init_weights(model, cfg.model, cfg.seed)
-    model, optimizer = trainable(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel)
+    model, optimizer = trainable(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel,
+                                 fast)
     tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len  # the batch is global
     n_params = count_params(cfg.model, exclude_embeddings=True)
     total_steps = step_budget(cfg.stop, tokens_per_step, n_params,
@@ -81,7 +83,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
 
     spec = StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed,
                       rank=parallel.dp_rank(), world=parallel.dp_size(),
-                      shuffle_buffer=cfg.data_opts.shuffle_buffer)
+                      shuffle_window=cfg.data_opts.shuffle_window)
     loader = Loader(spec, cfg.data_opts.workers, state["data"])
 
     rows = cfg.opt.batch_size // parallel.dp_size()

@@ -1,6 +1,9 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -74,3 +77,32 @@ def world(tmp_path_factory):
         "eval.max_sequences=32"])
     pretrain.run(base)
     return {"root": root, "tokenizer": tokenizer, **manifests, "base": root / "base"}
+
+
+LAYOUT_FAMILIES = ("llama_gqa_tied_rope_scaling", "qwen2_bias", "qwen3_qk_norm")
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory):
+    """tests/layout_check.py under torchrun with TP=2 and with PP=2, once per session:
+    {layout: (its stdout, the directory of each rank's initial weights)}."""
+    from .test_hf import FAMILIES, hf_model
+
+    root = tmp_path_factory.mktemp("layouts")
+    paths = []
+    for family in LAYOUT_FAMILIES:
+        config_class, overrides = FAMILIES[family]
+        hf_model(root / family, config_class, **overrides)
+        paths.append(str(root / family))
+    program = Path(__file__).with_name("layout_check.py")
+    runs = {}
+    for layout in ("tp", "pp"):
+        out = root / f"init-{layout}"
+        out.mkdir()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", str(program), layout, str(out), *paths],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        runs[layout] = (done.stdout, out)
+    return runs

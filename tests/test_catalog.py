@@ -11,6 +11,7 @@ from forgetless import config, metrics
 from forgetless.config import ConfigError, DataConfig, FinetuneConfig
 from forgetless.data import catalog, shards
 from forgetless.data import tokenizer as tok
+from forgetless.data.samples import read_split
 from forgetless.recipes import finetune
 
 from .conftest import SEQ_LEN, VOCAB
@@ -30,8 +31,7 @@ def _entries(cache):
 
 
 def _first_sequence(manifest):
-    path, n = manifest.shards("train")[0]
-    return next(shards.read_shard(path, n)).tolist()
+    return read_split(manifest, "train")[0].tolist()
 
 
 def test_cache_keyed_on_content_and_settings(corpus, tokenizer, tmp_path, capsys):
@@ -102,7 +102,7 @@ import json, os, pathlib, sys, time
 import torch.distributed as dist
 from forgetless.config import DataConfig
 from forgetless.data import catalog
-source, cache, start = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+source, cache, start, out = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), sys.argv[4]
 catalog.BUILTIN = (source,)  # a tiny 'built-in' corpus, so training the tokenizer is quick
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
@@ -111,7 +111,9 @@ deadline = time.time() + 120
 while len(list(start.iterdir())) < 3 and time.time() < deadline:
     time.sleep(0.02)
 tokenizer, manifest = catalog.resolve(source, cache, 32, 512, DataConfig())
-print("RESULT", json.dumps([str(manifest.path), manifest.data["key"], tokenizer.hash]))
+# a file per process: ranks share one pipe, where their lines can interleave mid-line
+pathlib.Path(out, str(os.getpid())).write_text(
+    json.dumps([str(manifest.path), manifest.data["key"], tokenizer.hash]))
 if dist.is_initialized():  # gloo can abort at exit otherwise
     dist.barrier()
     dist.destroy_process_group()
@@ -121,10 +123,12 @@ if dist.is_initialized():  # gloo can abort at exit otherwise
 def test_cold_cache_prepared_once_by_ranks_and_processes(corpus, tmp_path):
     """Two torchrun ranks and an unrelated process start at once on one cold cache."""
     script, cache, start = tmp_path / "resolve.py", tmp_path / "cache", tmp_path / "start"
+    out = tmp_path / "out"
     script.write_text(SCRIPT)
     start.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(script), str(corpus), str(cache), str(start)]
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(script), str(corpus), str(cache), str(start), str(out)]
     runs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node", "2", *args], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
@@ -137,7 +141,7 @@ def test_cold_cache_prepared_once_by_ranks_and_processes(corpus, tmp_path):
     text = "".join(outputs)
     assert text.count("training the built-in tokenizer") == 1, text
     assert text.count("preparing") == 1, text
-    results = [line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("RESULT")]
+    results = [path.read_text() for path in out.iterdir()]
     assert len(results) == 3 and len(set(results)) == 1, results
     assert len(_entries(cache)) == 1
     assert (cache / "tokenizers" / "builtin-v2-512" / "tokenizer.json").exists()  # not v1's

@@ -3,7 +3,13 @@ import torch
 from megatron.core import parallel_state
 
 from forgetless.config import ConfigError, ModelConfig
-from forgetless.model import build_model, check_layout, count_params, next_token
+from forgetless.model import (
+    build_model,
+    check_layout,
+    count_params,
+    init_weights,
+    next_token,
+)
 
 TINY = dict(hidden=32, layers=2, head_dim=16, seq_len=32, vocab=512)
 
@@ -79,3 +85,33 @@ def test_layout_checked_before_megatron_builds(megatron_world, monkeypatch):
     monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="model.heads: 3 .* parallel.tp=2"):
         build_model(ModelConfig(**{**TINY, "heads": 3}))
+
+
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_initial_weights_do_not_depend_on_the_layout(layout, layout_runs, megatron_world):
+    """Each TP=2 / PP=2 rank starts from its slice of the one-process weights, and draws
+    only that slice (the generator's elements add up to the rank's share, not the model)."""
+    from .layout_check import INIT_MODEL, INIT_SEED, init_slices
+
+    def place(slices):
+        full = {}
+        for name, shape, offsets, values in slices:
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, values.shape, strict=True))
+            full.setdefault(name, torch.full(shape, torch.nan))[index] = values
+        return full
+
+    cfg = ModelConfig(**INIT_MODEL)
+    model = build_model(cfg, initialise=False)  # megatron draws nothing
+    init_weights(model, cfg, INIT_SEED)
+    assert not model.decoder.layers[0].self_attention.linear_qkv.bias.any()
+    reference = place(init_slices(model))
+    total = sum(t.numel() for t in reference.values())
+    _, out = layout_runs[layout]
+    for rank in (0, 1):
+        dump = torch.load(out / f"rank{rank}.pt")
+        for name, part in place(dump["slices"]).items():
+            drawn = ~part.isnan()
+            assert drawn.any() and torch.equal(part[drawn], reference[name][drawn]), name
+        local = sum(values.numel() for *_, values in dump["slices"])
+        assert local < 0.75 * total and dump["drawn"] <= 1.25 * local, (layout, rank)
+

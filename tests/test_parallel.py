@@ -21,7 +21,8 @@ from .test_pretrain import TINY
 
 STEPS = 5
 RUN = [*TINY, "model.layers=4", "eval.log_interval=1", "eval.interval=100",
-       "opt.warmup_steps=0", "opt.schedule=constant", "threads=1"]
+       "opt.warmup_steps=0", "opt.schedule=constant", "threads=1",
+       "opt.grad_clip=0.5"]  # below the gradient norms here: every layout clips
 
 
 def _args(manifest, run_dir, *extra):
@@ -40,18 +41,19 @@ def _torchrun(nproc, program, args, wait=True, check=True):
     return out
 
 
-def _losses(run_dir):
-    return {r["step"]: r["train_loss"] for r in metrics.read(run_dir / "metrics.jsonl")
-            if "train_loss" in r}
+def _per_step(run_dir, key="train_loss"):
+    """{step: value} of one metrics.jsonl key (the training loss by default)."""
+    return {r["step"]: r[key] for r in metrics.read(run_dir / "metrics.jsonl") if key in r}
 
 
 @pytest.fixture(scope="module")
 def reference(manifest, tmp_path_factory):
-    """One process, STEPS + 1 steps: the losses every layout must reproduce."""
+    """One process, STEPS + 1 steps: the losses and gradient norms every layout must
+    reproduce."""
     run_dir = tmp_path_factory.mktemp("single")
     pretrain.run(config.load(PretrainConfig, None,
                              _args(manifest, run_dir, f"stop.steps={STEPS + 1}")))
-    return _losses(run_dir)
+    return {key: _per_step(run_dir, key) for key in ("train_loss", "grad_norm")}
 
 
 LAYOUTS = {
@@ -79,10 +81,13 @@ def _trained(name, manifest, tmp_path_factory):
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_trains_like_one_process(name, reference, manifest, tmp_path_factory):
-    losses = _losses(_trained(name, manifest, tmp_path_factory))
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in losses.items():
-        assert loss == pytest.approx(reference[step], abs=1e-5), (name, step)
+    """The gradient norm too: clipping under TP must see every rank's slice."""
+    run_dir = _trained(name, manifest, tmp_path_factory)
+    for key, expected in reference.items():
+        values = _per_step(run_dir, key)
+        assert sorted(values) == list(range(1, STEPS + 1))
+        for step, value in values.items():
+            assert value == pytest.approx(expected[step], abs=1e-5), (name, key, step)
 
 
 @pytest.mark.parametrize("saved, resumed", [("tp2", "pp2"), ("pp2", "tp2")])
@@ -94,7 +99,8 @@ def test_checkpoint_reshards_across_layouts(saved, resumed, reference, manifest,
     out = _torchrun(nproc, "pretrain", _args(manifest, run_dir, f"stop.steps={STEPS + 1}",
                                              *layout))
     assert f"step_{STEPS:08d} (step {STEPS})" in out.stdout
-    assert _losses(run_dir)[STEPS + 1] == pytest.approx(reference[STEPS + 1], abs=1e-5)
+    assert _per_step(run_dir)[STEPS + 1] == pytest.approx(reference["train_loss"][STEPS + 1],
+                                                        abs=1e-5)
 
 
 def _wait_for(condition, process, what, timeout=240):
@@ -129,20 +135,20 @@ def test_kill_9_then_resume_auto_continues_exactly(manifest, megatron_world, tmp
         job.wait()
         saved = checkpoint.latest(tmp_path)
         assert saved is not None and checkpoint.weights(saved)  # complete: it loads
-    before = _losses(tmp_path)
+    before = _per_step(tmp_path)
     assert max(before) < 30, "the run finished before the kill"
     partial = tmp_path / "checkpoints" / ".step_00000099.tmp"  # as a killed save leaves it
     (partial / "model").mkdir(parents=True, exist_ok=True)
     out = _torchrun(2, "pretrain", [*args, "resume=auto"])
     assert f"resuming from {saved}" in out.stdout
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
-    after = _losses(tmp_path)
+    after = _per_step(tmp_path)
     assert sorted(after) == list(range(1, 31))
     for step, loss in before.items():  # the steps the killed runs had done again, identical
         assert after[step] == pytest.approx(loss, abs=1e-6), step
     single = tmp_path / "single"
     pretrain.run(config.load(PretrainConfig, None, _args(manifest, single, "stop.steps=30")))
-    for step, loss in _losses(single).items():
+    for step, loss in _per_step(single).items():
         assert after[step] == pytest.approx(loss, abs=1e-5), step
 
 
@@ -166,7 +172,7 @@ def test_sigterm_saves_one_agreed_checkpoint_and_exits_75(manifest, tmp_path):
     """Also: a second job on the run_dir is refused on every rank, naming the holder."""
     args = _args(manifest, tmp_path, "stop.steps=3000")
     job = _torchrun(2, "pretrain", args, wait=False)
-    _wait_for(lambda: len(_losses(tmp_path)) >= 2 if (tmp_path / "metrics.jsonl").exists()
+    _wait_for(lambda: len(_per_step(tmp_path)) >= 2 if (tmp_path / "metrics.jsonl").exists()
               else False, job, "two steps")
     second = _torchrun(2, "pretrain", args, check=False)
     assert second.returncode != 0 and second.stderr.count("is in use by another trainer") == 2
@@ -179,22 +185,38 @@ def test_sigterm_saves_one_agreed_checkpoint_and_exits_75(manifest, tmp_path):
     dirs = checkpoint.checkpoint_dirs(tmp_path)
     assert len(dirs) == 1
     step = checkpoint.read_state(dirs[0])["step"]
-    assert 2 <= step < 3000 and max(_losses(tmp_path)) == step
+    assert 2 <= step < 3000 and max(_per_step(tmp_path)) == step
     _torchrun(2, "pretrain", _args(manifest, tmp_path, f"stop.steps={step + 2}"))
-    assert max(_losses(tmp_path)) == step + 2
+    assert max(_per_step(tmp_path)) == step + 2
 
 
-def test_kl_pre_finetune_with_tp2_matches_one_process(world, megatron_world, tmp_path):
-    args = [f"checkpoint={world['base']}", f"data={world['down'].path}", "method=kl_pre",
-            "replay.source=real", "opt.batch_size=8", "replay.batch_size=4", "stop.tokens=null",
-            f"stop.steps={STEPS}", "eval.interval=100", "eval.log_interval=1",
-            "eval.max_sequences=16", "threads=1"]
+FINETUNES = {"kl_pre": ["method=kl_pre", "replay.source=real", "replay.batch_size=4"],
+             "lora": ["method=lora"]}
+
+
+@pytest.mark.parametrize("method", FINETUNES)
+def test_finetune_with_tp2_matches_one_process(method, world, megatron_world, tmp_path):
+    args = [f"checkpoint={world['base']}", f"data={world['down'].path}", *FINETUNES[method],
+            "opt.batch_size=8", "stop.tokens=null", f"stop.steps={STEPS}", "eval.interval=100",
+            "eval.log_interval=1", "eval.max_sequences=16", "threads=1",
+            "opt.grad_clip=0.3"]  # kl_pre's norms are above it: clipped under both layouts
     finetune.run(config.load(FinetuneConfig, None, [f"run_dir={tmp_path / 'one'}", *args]))
     _torchrun(2, "finetune", [f"run_dir={tmp_path / 'tp2'}", "parallel.tp=2", *args])
     one, tp2 = (metrics.read(tmp_path / name / "metrics.jsonl") for name in ("one", "tp2"))
     assert tp2[0]["prev_kl"] == 0.0 and tp2[0]["prev_ntp"] == pytest.approx(one[0]["prev_ntp"])
     assert [r["step"] for r in tp2] == list(range(STEPS + 1))
     for a, b in zip(one[1:], tp2[1:], strict=True):
-        for key in ("train_loss", "down_loss", "reg_loss"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-    assert tp2[-1]["reg_loss"] > 0  # the student moved away from the teacher
+        for key in ("train_loss", "grad_norm", "down_loss", "reg_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (method, a["step"], key)
+    if method == "kl_pre":
+        assert tp2[-1]["reg_loss"] > 0  # the student moved away from the teacher
+
+
+def test_rank_0_alone_hashes_and_every_rank_gets_the_digest(layout_runs):
+    import torch
+
+    for _, out in layout_runs.values():
+        ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+        assert [r["digest_calls"] for r in ranks] == [1, 0]
+        assert [r["digest"] for r in ranks] == ["c0ffee" * 10] * 2

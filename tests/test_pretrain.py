@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from forgetless import checkpoint, config, metrics
 from forgetless.config import EvaluateConfig, PretrainConfig
@@ -129,3 +130,42 @@ def test_manifest_without_unigram_entropy(manifest, megatron_world, tmp_path, ca
         f"run_dir={tmp_path / 'run'}", f"data={data}", *TINY, "stop.steps=1"]))
     assert final["unigram_entropy"] is None and final["step"] == 1
     assert "unigram entropy n/a" in capsys.readouterr().out
+
+
+def test_a_step_waits_on_the_device_as_often_with_more_microbatches(manifest, megatron_world,
+                                                                    tmp_path, monkeypatch):
+    """The step's losses stay on the device until its one reduction: the host waits for the
+    device (item, tolist, float, bool of a tensor) as many times with 4 microbatches as with
+    one, and the step's losses are the same."""
+    from forgetless import train
+
+    syncs: list[str] = []
+    active = [False]
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if active[0]:
+                syncs.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    step, per_step = train.train_step, {}
+
+    def counting(run, batch, stopping=bool):
+        start, active[0] = len(syncs), True
+        try:
+            return step(run, batch, stopping)
+        finally:
+            active[0] = False
+            per_step.setdefault(micro, []).append(len(syncs) - start)
+
+    monkeypatch.setattr(train, "train_step", counting)
+    losses = {}
+    for micro in (1, 4):
+        run_dir = tmp_path / str(micro)
+        pretrain.run(_cfg(manifest, run_dir, "stop.steps=3", f"parallel.microbatches={micro}",
+                          "eval.log_interval=1"))
+        losses[micro] = [r["train_loss"] for r in metrics.read(run_dir / "metrics.jsonl")[1:]]
+    assert per_step[1] == per_step[4] and len(per_step[1]) == 3, per_step
+    assert losses[1] == pytest.approx(losses[4], abs=1e-5)  # float32 sums in another order

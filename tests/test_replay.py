@@ -15,6 +15,7 @@ import torch
 from forgetless import checkpoint, config, metrics, schedule
 from forgetless.config import FinetuneConfig, GenerateConfig, PretrainConfig
 from forgetless.data import shards
+from forgetless.data.samples import read_split
 from forgetless.recipes import finetune, generate, pretrain
 from forgetless.sampler import generate as sample_sequences
 
@@ -32,7 +33,7 @@ def _finetune_cfg(world, run_dir, *extra):
 
 def _replay_tokens(out):
     manifest = shards.load_manifest(out)
-    return np.stack([s for p, n in manifest.shards("train") for s in shards.read_shard(p, n)])
+    return read_split(manifest, "train")
 
 
 def test_sampler_same_tokens_whatever_the_batch(world, megatron_world):
@@ -113,8 +114,8 @@ def test_kl_pre_regulariser_has_zero_gradient_at_start(world, megatron_world):
     ckpt = checkpoint.latest(world["base"])
     student, _ = checkpoint.load_model(ckpt)
     teacher, _ = checkpoint.load_model(ckpt)
-    down = torch.from_numpy(next(shards.read_shard(*world["down"].shards("train")[0]))[None])
-    replay = torch.from_numpy(next(shards.read_shard(*world["prev"].shards("train")[0]))[None])
+    down = torch.from_numpy(read_split(world["down"], "train")[:1])
+    replay = torch.from_numpy(read_split(world["prev"], "train")[:1])
     batch = {"down": down.repeat(2, 1), "replay": replay.repeat(2, 1)}
     for method in ("kl_pre", "kl_dwn"):
         grads = []

@@ -4,19 +4,23 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from forgetless.data import shards
+from forgetless.data import tokenizer as tok
+from forgetless.data.samples import Samples, read_split
 from forgetless.data.sources import documents, is_valid
 
 from .conftest import SEQ_LEN
 
 
 def _all(manifest, split):
-    return [s for path, n in manifest.shards(split) for s in shards.read_shard(path, n)]
+    return list(read_split(manifest, split))
 
 
 def test_round_trip(manifest, tokenizer, corpus):
     train, valid = _all(manifest, "train"), _all(manifest, "valid")
+    assert Samples(manifest.shards("train")).read(np.arange(0)).shape[0] == 0
     assert len(train) == manifest.sequences("train") and len(valid) == manifest.sequences("valid")
     assert len(manifest.shards("train")) > 1
     dom = tokenizer.domain_id("tiny")
@@ -41,12 +45,18 @@ def test_corrupt_and_truncated_tar(manifest, tmp_path):
     shutil.copytree(manifest.path.parent, copy)
     m = shards.load_manifest(copy)
     path, n = m.shards("train")[0]
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-    with pytest.raises(shards.DataError, match=f"shard {path}"):
-        list(shards.read_shard(path, n))
-    path.write_bytes(b"this is not a tar file" * 100)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(shards.DataError, match=f"shard {path}: truncated"):
+        read_split(m, "train")
+    path.write_bytes(b"this is not a tar file" * (len(whole) // 22 + 1))
+    with pytest.raises(shards.DataError, match=f"shard {path}: corrupt sample"):
+        read_split(m, "train")
+    shards.index_path(path).unlink()  # without its index, the tar itself is walked
     with pytest.raises(shards.DataError, match=f"shard {path}: corrupt"):
-        list(shards.read_shard(path, n))
+        read_split(m, "train")
+    path.write_bytes(whole)
+    assert len(read_split(m, "train")) == m.sequences("train")
     path.unlink()
     with pytest.raises(shards.DataError, match="is missing"):
         shards.load_manifest(copy)
@@ -84,7 +94,7 @@ def _reference_pack(docs, seq_len, domain, eos):
 def test_packing_matches_reference_and_is_linear(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(2, 500, size=n).tolist() for n in (0, 1, 5, 31, 32, 100, 7, 64, 3)]
-    writer = shards._SplitWriter(tmp_path, "train", 8, 5, shard_sequences=10**9)
+    writer = shards._SplitWriter(tmp_path, "train", 8, 5, shard_sequences=10**9, vocab=512)
     for ids in docs:
         writer.add(ids, 1)
     expected = _reference_pack(docs, 8, 5, 1)
@@ -93,7 +103,8 @@ def test_packing_matches_reference_and_is_linear(tmp_path):
     assert writer.counts.sum() == 7 * len(expected)
     assert writer.counts[1] == sum(row[1:].count(1) for row in expected)
     long = (np.arange(2_000_000) % 60_000 + 2).tolist()  # one 2M-token document
-    writer = shards._SplitWriter(tmp_path, "valid", 128, 5, shard_sequences=10**9)
+    writer = shards._SplitWriter(tmp_path, "valid", 128, 5, shard_sequences=10**9,
+                                 vocab=60_002)
     writer.add(long, 1)
     assert len(writer.pending) == 2_000_001 // 127
     assert np.array_equal(np.concatenate([s[1:] for s in writer.pending]),
@@ -155,12 +166,35 @@ def test_only_shard_faults_are_called_corrupt(manifest, tmp_path, monkeypatch):
         for member in tar.getmembers():
             if member.name.endswith(".json"):
                 out.addfile(member, tar.extractfile(member))
-    with pytest.raises(shards.DataError, match="has no tokens.npy member"):
-        list(shards.read_shard(tmp_path / "no-tokens.tar"))
+    with pytest.raises(shards.DataError, match="holds 0 sequences, the manifest says 1"):
+        Samples([(tmp_path / "no-tokens.tar", 1)]).read(np.arange(1))
 
     def failing_load(*args, **kwargs):
         raise MemoryError("out of memory")
 
     monkeypatch.setattr(np, "load", failing_load)
     with pytest.raises(MemoryError, match="out of memory"):
-        list(shards.read_shard(path, n))
+        Samples([(path, n)]).read(np.arange(n))
+
+
+def test_vocab_beyond_uint16_is_stored_as_uint32(tmp_path):
+    """A tokenizer of 100K ids writes uint32 shards (the manifest says so) whose
+    large ids come back whole through the loader."""
+    from forgetless.data.loader import Loader, StreamSpec
+
+    from .test_tokenizer import tiny_hf_tokenizer
+
+    words = [f"w{i}" for i in range(100_000)]
+    tokenizer = tok.load(tiny_hf_tokenizer(tmp_path / "tok", words))
+    assert tokenizer.vocab_size > 2**16
+    docs = [" ".join(words[-(i + 1) * 40:][:40]) for i in range(40)]
+    source = tmp_path / "big.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest = shards.prepare(str(source), tmp_path / "out", tokenizer, 16, "big",
+                              valid_fraction=0.2)
+    assert manifest.data["dtype"] == "uint32" and shards.token_dtype(100_000) == np.uint32
+    assert manifest.data["first_token"] == tokenizer.bos_id == manifest.domain_token
+    rows = torch.cat(list(Loader(StreamSpec(manifest, "train", 4, train=False))))
+    assert rows.max() > 2**16 and (rows[:, 0] == tokenizer.bos_id).all()
+    ids = {i for d in docs for i in tokenizer.encode(d)} | {tokenizer.eos_id, tokenizer.bos_id}
+    assert set(rows.flatten().tolist()) <= ids
