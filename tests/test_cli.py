@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -71,3 +75,14 @@ def test_result_json_only_on_the_main_rank(corpus, tmp_path, monkeypatch, capsys
     assert cli.main([*args, f"out={tmp_path / 'b'}"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["vocab"] == 512
+
+
+def test_python_m_forgetless_in_the_checkout_keeps_hugging_face_kernels(tmp_path):
+    """`python -m forgetless` from the repository root: its kernels/ must not stand in for
+    the `kernels` package transformers imports (an ImportError before any argument is read)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = subprocess.run([sys.executable, "-m", "forgetless", "export",
+                          f"checkpoint={tmp_path / 'none'}"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "out: is required" in out.stderr, out.stderr[-2000:]
