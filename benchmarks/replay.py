@@ -21,10 +21,11 @@ from forgetless.config import FinetuneConfig
 from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import load_manifest
+from forgetless.engine import MegatronEngine
 from forgetless.model import with_precision
 from forgetless.recipes.finetune import FinetuneBatches, OnTheFlyReplay, make_plan
 from forgetless.sampler import generate
-from forgetless.train import Run, train_step, trainable
+from forgetless.train import Run, train_step
 
 
 def _finetune_run(cfg: FinetuneConfig, down, replay_manifest, first_token: int) -> Run:
@@ -40,9 +41,8 @@ def _finetune_run(cfg: FinetuneConfig, down, replay_manifest, first_token: int) 
     elif cfg.method != "none":
         replay = Loader(StreamSpec(replay_manifest, "train", cfg.replay.batch_size))
     data = FinetuneBatches(Loader(StreamSpec(down, "train", cfg.opt.batch_size)), replay)
-    student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
-                                   cfg.parallel)
-    run = Run(run_dir=None, model=student, optimizer=optimizer, data=data,
+    engine = MegatronEngine(with_precision(student, cfg.opt.precision), cfg.opt, cfg.parallel)
+    run = Run(run_dir=None, engine=engine, data=data,
               plan=make_plan(cfg, teacher, cfg.opt.batch_size), eval_fn=dict, opt=cfg.opt,
               stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt, tokens_per_step=0, total_steps=None,
               checkpoint_state=dict, preempt=cfg.preempt)

@@ -25,9 +25,10 @@ from forgetless import config, fast_path, parallel  # noqa: E402
 from forgetless.config import PretrainConfig  # noqa: E402
 from forgetless.data import catalog  # noqa: E402
 from forgetless.data.loader import Loader, StreamSpec  # noqa: E402
+from forgetless.engine import MegatronEngine  # noqa: E402
 from forgetless.model import build_model, flops_per_token, init_weights  # noqa: E402
 from forgetless.recipes.pretrain import make_plan  # noqa: E402
-from forgetless.train import Run, train_step, trainable  # noqa: E402
+from forgetless.train import Run, train_step  # noqa: E402
 
 REFERENCE = ["model.hidden=128", "model.layers=4", "model.head_dim=32", "model.seq_len=128",
              "model.vocab=4096", "opt.batch_size=32", "data=stdlib-prose"]
@@ -57,13 +58,13 @@ def main() -> None:
     fast = fast_path.resolve(cfg.parallel, cfg.model.seq_len, parallel.dp_size())
     model = build_model(cfg.model, fast, initialise=False)
     init_weights(model, cfg.model, cfg.seed)
-    model, optimizer = trainable(model, cfg.opt, cfg.parallel, fast)
+    engine = MegatronEngine(model, cfg.opt, cfg.parallel, fast)
     loader = Loader(StreamSpec(manifest, "train", cfg.opt.batch_size, seed=cfg.seed,
                                rank=parallel.dp_rank(), world=parallel.dp_size(),
                                shuffle_window=cfg.data_opts.shuffle_window),
                     cfg.data_opts.workers)
     rows = cfg.opt.batch_size // parallel.dp_size()
-    run = Run(run_dir=None, model=model, optimizer=optimizer, data=loader,
+    run = Run(run_dir=None, engine=engine, data=loader,
               plan=make_plan(rows // cfg.parallel.microbatches),
               eval_fn=dict, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
               tokens_per_step=cfg.opt.batch_size * cfg.model.seq_len, total_steps=None,

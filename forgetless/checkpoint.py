@@ -1,10 +1,12 @@
 """Checkpoints: a directory per step, visible only once complete, the newest K kept.
 
-checkpoints/step_00000100/{model/, optim/, rng.pt, state.json}: model and optimizer are
-megatron-core distributed checkpoints (every rank writes its shards; loadable under any other
-TP/PP/DP layout), state.json holds the step, token count, every loader's state, resolved
-config, and the tokenizer and manifest references. Everything is written into a hidden
-directory that is renamed into place once every rank has finished.
+checkpoints/step_00000100/{model/, optim/ or deepspeed/, rng.pt, state.json}: model/ holds the
+weights as a megatron-core distributed checkpoint (every rank writes its shards; loadable under
+any other TP/PP/DP layout), optim/ megatron's optimizer state (the same kind), deepspeed/ a
+DeepSpeed ZeRO checkpoint (the engine=deepspeed training state); state.json holds the step,
+token count, every loader's state, resolved config, and the tokenizer and manifest references.
+Everything is written into a hidden directory that is renamed into place once every rank has
+finished.
 
 A Hugging Face model directory (config.json + safetensors + tokenizer files) is accepted
 wherever a checkpoint is: it reads as a step-0 checkpoint whose tokenizer is its own and which
@@ -18,11 +20,12 @@ import json
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException
 
@@ -30,6 +33,7 @@ from forgetless import hf, lora, parallel
 from forgetless.atomic import publish_dir
 from forgetless.config import EvalConfig, ModelConfig, OptConfig, load_dict, to_dict
 from forgetless.data import tokenizer as tok
+from forgetless.engine import Engine, load_weights
 from forgetless.errors import UserError
 from forgetless.fast_path import OFF, FastPath
 from forgetless.model import build_model
@@ -102,17 +106,6 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
-def _core(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron's DistributedDataParallel wrapper."""
-    return getattr(model, "module", model)
-
-
-def _optim_metadata(distributed: bool) -> dict:
-    # Why dp_reshardable: megatron's default layout for distributed-optimizer state fails
-    # here ("flattened_range is not supported"); this one reshards over DP sizes.
-    return {"distrib_optim_sharding_type": "dp_reshardable"} if distributed else {}
-
-
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -148,29 +141,24 @@ def _refuse_older(run_dir: str | Path, path: Path) -> None:
             f"continue from the older one, or resume into another run_dir")
 
 
-def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
-         keep: int, distributed_optimizer: bool = False) -> Path:
+def save(run_dir: str | Path, step: int, engine: Engine, state: dict, keep: int) -> Path:
     """Every rank calls this; the checkpoint appears (renamed into place) once all wrote."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     if parallel.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "model").mkdir(parents=True)
-        if optimizer is not None:
-            (tmp / "optim").mkdir()
+        for part in ("model", "optim"):  # megatron's writer wants its directories made
+            (tmp / part).mkdir(parents=True)
     _barrier()
-    core = _core(model)
-    if optimizer is not None:  # from its own copy: saving builds factories in place
-        dist_checkpointing.save(optimizer.sharded_state_dict(
-            core.sharded_state_dict(), metadata=_optim_metadata(distributed_optimizer)),
-            str(tmp / "optim"))
-    dist_checkpointing.save(core.sharded_state_dict(), str(tmp / "model"))
+    engine.save(tmp)
     _barrier()
     if parallel.is_main():
+        if not any((tmp / "optim").iterdir()):
+            (tmp / "optim").rmdir()
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(
-            {"step": step, "distributed_optimizer": distributed_optimizer, **state}, indent=2))
+            {"step": step, **engine.settings(), **state}, indent=2))
         publish_dir(tmp, final)  # fsyncs every file and directory, then the rename
         prune(run_dir, keep)
     _barrier()
@@ -214,33 +202,51 @@ def check_model_config(path: Path, saved: dict, current: dict) -> None:
         raise CheckpointError(f"checkpoint {path} has another architecture: " + "; ".join(diff))
 
 
-def load(path: Path, model: torch.nn.Module, optimizer=None,
-         distributed_optimizer: bool = False) -> dict:
-    """Weights (and optimizer state and RNG) into a model built for the current layout."""
-    state = read_state(path)
-    core = _core(model)
+# what an engine's settings() may hold, and what checkpoints from before engine= imply
+ENGINE_KEYS = ("engine", "distributed_optimizer", "deepspeed", "dp")
+BEFORE_ENGINES = {"engine": "megatron", "distributed_optimizer": False}
+
+
+@contextmanager
+def _loading(path: Path) -> Iterator[None]:
+    """A bad, missing or mismatched checkpoint as one CheckpointError naming it."""
     try:
-        core.load_state_dict(dist_checkpointing.load(core.sharded_state_dict(),
-                                                     str(path / "model")))
-        if optimizer is not None:
-            if not (path / "optim").is_dir():
-                raise CheckpointError(f"checkpoint {path}: optim/ is missing")
-            if state.get("distributed_optimizer", False) != distributed_optimizer:
-                raise CheckpointError(
-                    f"checkpoint {path}: saved with parallel.distributed_optimizer="
-                    f"{state.get('distributed_optimizer')}; resume with the same setting")
-            with torch.no_grad():  # dp_reshardable loading needs it
-                optimizer.load_state_dict(dist_checkpointing.load(
-                    optimizer.sharded_state_dict(
-                        core.sharded_state_dict(), is_loading=True,
-                        metadata=_optim_metadata(distributed_optimizer)),
-                    str(path / "optim")))
-            torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+        yield
     except (Exception, DistCheckpointException) as e:  # torch's is a BaseException
         if not unloadable(e):
             raise
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({_reason(e)})") from e
+
+
+def load(path: Path, model: torch.nn.Module) -> dict:
+    """A checkpoint's weights into a model built for the current layout; its state."""
+    state = read_state(path)
+    with _loading(path):
+        load_weights(model, path)
     return state
+
+
+def resume(path: Path, engine: Engine) -> dict:
+    """Weights, the engine's state and the RNG, to continue training exactly; the state.
+    The engine must be set up as the one that saved (optimizer states differ in kind)."""
+    state = read_state(path)
+    current = engine.settings()
+    saved = {key: state[key] for key in ENGINE_KEYS if key in state}
+    if "engine" not in saved:
+        saved = {**BEFORE_ENGINES, **saved}
+    if saved != current:
+        raise CheckpointError(
+            f"checkpoint {path}: saved with {_settings(saved)}, resumed with "
+            f"{_settings(current)}; resume with the engine settings it was saved "
+            f"with (and as many data-parallel ranks, for deepspeed)")
+    with _loading(path):
+        engine.load(path)
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    return state
+
+
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def _reason(error: BaseException) -> str:

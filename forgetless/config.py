@@ -570,6 +570,42 @@ class GenerateConfig:
         _check(self.first_id >= 0, "first_id", "must be >= 0")
 
 
+ENGINES = ("megatron", "deepspeed")
+OFFLOAD = ("none", "cpu")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO over the data-parallel ranks (engine=deepspeed): stage 1 shards the
+    optimizer state, 2 the gradients too, 3 the parameters too (the frozen teacher's as well)."""
+
+    stage: int = 3
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "stage": "ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)",
+        "offload_optimizer": "none|cpu: keep the optimizer state (and its step) in CPU memory",
+        "offload_param": "none|cpu: keep the partitioned parameters in CPU memory (stage 3)",
+    }
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (1, 2, 3), "deepspeed.stage", f"must be 1, 2 or 3, got {self.stage!r}")
+        _one_of(self.offload_optimizer, "deepspeed.offload_optimizer", OFFLOAD)
+        _one_of(self.offload_param, "deepspeed.offload_param", OFFLOAD)
+        _check(self.offload_param == "none" or self.stage == 3, "deepspeed.offload_param",
+               f"offloads partitioned parameters, which only stage 3 has (stage={self.stage})")
+
+    def changed(self) -> list[str]:
+        default = DeepSpeedConfig()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+
+
+# parallel.* settings that megatron's engine has and DeepSpeed's does not: (key, default)
+MEGATRON_ONLY = (("pp", 1), ("tp", 1), ("distributed_optimizer", False),
+                 ("sequence_parallel", "auto"), ("overlap_grad_reduce", "auto"),
+                 ("overlap_param_gather", "auto"))
+
 METHODS = ("none", "lora", "replace", "ntp_pre", "kl_pre", "kl_dwn")
 REPLAY_METHODS = ("replace", "ntp_pre", "kl_pre")
 REPLAY_SOURCES = ("none", "self", "real", "onthefly")
@@ -678,6 +714,8 @@ class FinetuneConfig:
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     data_opts: DataConfig = field(default_factory=DataConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    engine: str = "megatron"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     BUDGET: ClassVar[int] = 500_000  # downstream tokens when no stop condition is set
     HELP: ClassVar[dict[str, str]] = {
@@ -688,6 +726,8 @@ class FinetuneConfig:
                      "replay; '': the checkpoint's (required for a Hugging Face base)",
         "method": f"one of {', '.join(METHODS)}",
         "lam": "the paper's lambda: replay loss weight; for replace, the replay fraction",
+        "engine": "megatron (DDP, distributed optimizer; TP x PP x DP) or deepspeed (ZeRO 1-3 "
+                  "over DP, CPU offload; for memory-bound finetuning)",
     }
 
     def __post_init__(self) -> None:
@@ -697,6 +737,27 @@ class FinetuneConfig:
                "finetuning counts no parameters; use stop.tokens, stop.epochs or stop.steps")
         self.stop = self.stop.or_budget(self.BUDGET)
         self.check_method()
+        self.check_engine()
+
+    def check_engine(self) -> None:
+        """DeepSpeed settings only with engine=deepspeed; megatron's layout switches only
+        with engine=megatron."""
+        _one_of(self.engine, "engine", ENGINES)
+        if self.engine == "megatron":
+            for key in self.deepspeed.changed():
+                raise ConfigError(f"deepspeed.{key}: has no effect with engine=megatron "
+                                  f"(set engine=deepspeed)")
+            return
+        for key, default in MEGATRON_ONLY:
+            value = getattr(self.parallel, key)
+            _check(value in (default, "off"), f"parallel.{key}",
+                   f"{value!r} is megatron's; engine=deepspeed shards over data-parallel "
+                   f"ranks only (ZeRO partitions the optimizer state, gradients and "
+                   f"parameters; use engine=megatron for tensor or pipeline parallelism)")
+        _check(self.deepspeed.stage < 3 or self.replay.source != "onthefly", "replay.source",
+               "onthefly samples from the teacher, whose parameters ZeRO-3 partitions: each "
+               "decoding step would gather every layer over the ranks; generate the replay "
+               "first (forgetless generate) and use replay.source=self, or deepspeed.stage<=2")
 
     def check_method(self) -> None:
         """The settings that depend on the method and replay source."""

@@ -1,7 +1,7 @@
-"""Workarounds for megatron-core code that assumes CUDA, used only when running on CPU.
+"""Workarounds for megatron-core and DeepSpeed code that assumes CUDA, used only on CPU.
 
-Every shim here exists because a megatron-core code path calls CUDA unconditionally;
-on GPUs none of this is installed and the library's normal path runs.
+Every shim here exists because a library code path calls CUDA unconditionally (or builds a
+CPU extension); on GPUs none of this is installed and the library's normal path runs.
 """
 
 from __future__ import annotations
@@ -73,3 +73,12 @@ def install() -> None:
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
     CudaToCpu().__enter__()
+
+
+def install_deepspeed() -> None:
+    """Why: on a CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory comm op
+    (about 100 s with g++); gloo's collectives are what runs here anyway."""
+    if on_cpu():
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -38,5 +38,6 @@ def lr_at(step: int, cfg: OptConfig, total_steps: int | None) -> float:
 
 
 def set_lr(optimizer: MegatronOptimizer, lr: float) -> None:
+    """Any optimizer or engine with param_groups."""
     for group in optimizer.param_groups:
         group["lr"] = lr

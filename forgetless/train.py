@@ -1,7 +1,7 @@
 """The one training loop: steps, logging, evaluation, stopping, checkpoints, resume.
 
-Recipes give it a model (wrapped in megatron's DDP), megatron's optimizer, a batch iterator
-with a state, a plan that turns a batch into microbatches with their losses, and an eval.
+Recipes give it an engine (forgetless/engine.py: the model with its optimizer), a batch
+iterator with a state, a plan that turns a batch into microbatches with their losses, and an eval.
 Every rank runs this loop; decisions (stop, save) are taken from values all ranks share.
 """
 
@@ -11,34 +11,20 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
 from tqdm import tqdm
 
 from forgetless import checkpoint, parallel, schedule
 from forgetless.atomic import atomic_write_text
-from forgetless.config import (
-    CheckpointConfig,
-    EvalConfig,
-    OptConfig,
-    ParallelConfig,
-    PreemptConfig,
-    StopConfig,
-)
+from forgetless.config import CheckpointConfig, EvalConfig, OptConfig, PreemptConfig, StopConfig
+from forgetless.engine import Engine
 from forgetless.errors import Preempted
-from forgetless.fast_path import OFF, FastPath
 from forgetless.metrics import MetricsLog
-from forgetless.optim import build_optimizer, lr_at, set_lr
+from forgetless.optim import lr_at, set_lr
 
 
 def initial_state(data: dict | None = None) -> dict:
@@ -64,40 +50,6 @@ def step_budget(stop: StopConfig, tokens_per_step: int, n_params: int,
     return min(limits) if limits else None
 
 
-def trainable(model: torch.nn.Module, opt: OptConfig, layout: ParallelConfig,
-              fast: FastPath = OFF):
-    """The model in megatron's DDP (gradients averaged over DP ranks) and its optimizer.
-
-    With overlap, the pipeline schedules hold the reduction back while microbatches
-    accumulate (no_sync), start it as each model chunk's backward ends, and let the forward
-    pass gather the distributed optimizer's parameters (as Megatron-LM wires them)."""
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=layout.distributed_optimizer,
-        overlap_grad_reduce=fast.overlap_grad_reduce,
-        overlap_param_gather=fast.overlap_param_gather), model)
-    config = model.config
-    config.finalize_model_grads_func = finalize_model_grads  # the DP all-reduce
-    if fast.overlap_grad_reduce:
-        config.no_sync_func, config.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
-    if fast.overlap_param_gather:
-        config.param_sync_func = ddp.start_param_sync
-    return ddp, build_optimizer(ddp, opt, layout.distributed_optimizer)
-
-
-@contextmanager
-def params_gathered(model: torch.nn.Module) -> Iterator[None]:
-    """With overlap_param_gather the optimizer's updated parameters reach the model in the
-    next forward's pre-hooks: gather them now, for an evaluation or a save."""
-    overlapped = getattr(getattr(model, "ddp_config", None), "overlap_param_gather", False)
-    if overlapped:
-        model.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        if overlapped:
-            model.enable_forward_pre_hook()
-
-
 class Batches(Protocol):
     """An endless batch iterator whose state a checkpoint stores to continue it exactly."""
 
@@ -111,8 +63,7 @@ class Run:
     """What the loop needs; recipes fill it in."""
 
     run_dir: Path
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Engine
     data: Batches
     plan: Callable[[Any], list[schedule.Micro]]  # a batch -> this rank's microbatches
     eval_fn: Callable[[], dict]
@@ -127,7 +78,6 @@ class Run:
     flops_per_token: float = 0.0  # model FLOPs per trained token, for utilisation
     # facts about the run recorded with its step-0 evaluation (e.g. where the replay came from)
     about: dict = field(default_factory=dict)
-    distributed_optimizer: bool = False
     step: int = 0
     tokens: int = 0
     finished: bool = False  # a stop condition held; a restarted run only evaluates
@@ -139,12 +89,9 @@ def train_step(run: Run, batch: Any, stopping: Callable[[], bool] = bool
                ) -> tuple[float, float, dict, bool]:
     """One optimizer step over the batch's microbatches: (loss, grad norm, extras, whether
     `stopping()` held on any rank after the step), as every rank sees them."""
-    run.model.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    results = schedule.run(run.model, run.plan(parallel.to_device(batch)), forward_only=False)
-    _, grad_norm, _ = run.optimizer.step()
+    results, grad_norm = run.engine.step(run.plan(parallel.to_device(batch)))
     extra, stop = schedule.reduce(results, stopping())
-    return extra.pop("loss"), float(grad_norm), extra, stop
+    return extra.pop("loss"), grad_norm, extra, stop
 
 
 def _converged(run: Run, valid_ntp: float) -> bool:
@@ -161,8 +108,7 @@ def _converged(run: Run, valid_ntp: float) -> bool:
 def _save(run: Run, log: dict) -> Path:
     state = {"tokens": run.tokens, "finished": run.finished, "data": run.data.state_dict(),
              "best": run.best, "stale": run.stale, "last": log, **run.checkpoint_state()}
-    return checkpoint.save(run.run_dir, run.step, run.model, run.optimizer, state, run.ckpt.keep,
-                           run.distributed_optimizer)
+    return checkpoint.save(run.run_dir, run.step, run.engine, state, run.ckpt.keep)
 
 
 class _Signals:
@@ -208,7 +154,7 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
     signals = _Signals(run.preempt.signals)
     try:
         while True:
-            set_lr(run.optimizer, lr_at(run.step, run.opt, run.total_steps))
+            set_lr(run.engine, lr_at(run.step, run.opt, run.total_steps))
             loss, grad_norm, extra, preempted = train_step(
                 run, next(run.data), lambda: signals.received is not None)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
@@ -228,14 +174,14 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
                     "step": run.step,
                     "tokens": run.tokens,
                     "train_loss": window_loss / window_steps,
-                    "lr": run.optimizer.param_groups[0]["lr"],
+                    "lr": run.engine.param_groups[0]["lr"],
                     "grad_norm": grad_norm,
                     **_throughput(run, window_steps, time.perf_counter() - window_start),
                     "elapsed_s": time.perf_counter() - start,
                     **extra,
                 }
                 if evaluate_now:
-                    with params_gathered(run.model):
+                    with run.engine.synced():
                         record.update(run.eval_fn())
                     done = done or _converged(run, record["valid_ntp"])
                 write(record)
@@ -246,7 +192,7 @@ def fit(run: Run, log: MetricsLog | None) -> dict:
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             run.finished = done
             if done or preempted or (run.ckpt.interval and run.step % run.ckpt.interval == 0):
-                with params_gathered(run.model):
+                with run.engine.synced():
                     path = _save(run, record)
             if done:  # a signal at the last step: finished, nothing to requeue
                 return record

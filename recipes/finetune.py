@@ -32,13 +32,14 @@ from forgetless.data import catalog
 from forgetless.data import tokenizer as tok
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import DataError, Manifest, load_manifest
+from forgetless.engine import Engine, MegatronEngine
 from forgetless.errors import UserError
 from forgetless.evaluation import eval_set, evaluate
 from forgetless.kernels.losses import kl_ce
 from forgetless.model import flops_per_token, with_precision
 from forgetless.sampler import generate
 from forgetless.schedule import Micro, mean_share, split
-from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
 
 
 class OnTheFlyReplay:
@@ -284,6 +285,18 @@ def run(cfg: FinetuneConfig) -> dict:
         return _finetune(cfg, run_dir, inputs)
 
 
+def _engines(cfg: FinetuneConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+             fast: fast_path.FastPath) -> tuple[Engine, torch.nn.Module]:
+    """The student in its engine, and the teacher as that engine holds it (ZeRO-3
+    partitions it too)."""
+    if cfg.engine == "deepspeed":
+        from forgetless import zero  # DeepSpeed is imported only where it is used
+
+        return (zero.ZeroEngine(student, cfg.opt, cfg.deepspeed),
+                zero.frozen(teacher, cfg.opt, cfg.deepspeed))
+    return MegatronEngine(student, cfg.opt, cfg.parallel, fast), teacher
+
+
 def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
     """The run, with run_dir locked and cleaned."""
     base_path, base_hash, model_cfg = inputs.base_path, inputs.base_hash, inputs.model_cfg
@@ -295,8 +308,8 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
     student, _ = checkpoint.load_model(base_path, fast)
     if cfg.method == "lora":
         lora.apply(student, cfg.lora.rank, cfg.lora.alpha)
-    student, optimizer = trainable(with_precision(student, cfg.opt.precision), cfg.opt,
-                                   cfg.parallel, fast)
+    engine, teacher = _engines(cfg, with_precision(student, cfg.opt.precision), teacher, fast)
+    student = engine.model
 
     state = initial_state({"down": None, "replay": None})
     resume_from = checkpoint.resume_path(run_dir, cfg.resume)
@@ -307,8 +320,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
             raise checkpoint.CheckpointError(
                 f"{run_dir} holds a finetune of another checkpoint or method "
                 f"({saved.get('method')}); choose another run_dir")
-        state = checkpoint.load(resume_from, student, optimizer,
-                                cfg.parallel.distributed_optimizer)
+        state = checkpoint.resume(resume_from, engine)
         if parallel.is_main():
             print(f"resuming from {resume_from} (step {state['step']})")
 
@@ -363,14 +375,13 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, inputs: Inputs) -> dict:
         }
 
     training = Run(
-        run_dir=run_dir, model=student, optimizer=optimizer,
+        run_dir=run_dir, engine=engine,
         data=FinetuneBatches(down_loader, replay),
         plan=make_plan(cfg, teacher, size),
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
         checkpoint_state=checkpoint_state, preempt=cfg.preempt,
-        flops_per_token=flops_per_token(model_cfg),
-        distributed_optimizer=cfg.parallel.distributed_optimizer, about=inputs.about,
+        flops_per_token=flops_per_token(model_cfg), about=inputs.about,
         **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():

@@ -14,6 +14,7 @@ from forgetless.data import catalog
 from forgetless.data.loader import Loader, StreamSpec
 from forgetless.data.shards import Manifest
 from forgetless.data.tokenizer import Tokenizer
+from forgetless.engine import MegatronEngine
 from forgetless.evaluation import eval_set, evaluate
 from forgetless.model import (
     build_model,
@@ -23,7 +24,7 @@ from forgetless.model import (
     with_precision,
 )
 from forgetless.schedule import Micro, mean_share, split
-from forgetless.train import PROGRESS, Run, initial_state, step_budget, train, trainable
+from forgetless.train import PROGRESS, Run, initial_state, step_budget, train
 
 
 def make_plan(size: int) -> Callable[[torch.Tensor], list[Micro]]:
@@ -60,8 +61,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
     fast = fast_path.resolve(cfg.parallel, cfg.model.seq_len, parallel.dp_size())
     model = build_model(cfg.model, fast, initialise=False)
     init_weights(model, cfg.model, cfg.seed)
-    model, optimizer = trainable(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel,
-                                 fast)
+    engine = MegatronEngine(with_precision(model, cfg.opt.precision), cfg.opt, cfg.parallel,
+                            fast)
+    model = engine.model
     tokens_per_step = cfg.opt.batch_size * cfg.model.seq_len  # the batch is global
     n_params = count_params(cfg.model, exclude_embeddings=True)
     total_steps = step_budget(cfg.stop, tokens_per_step, n_params,
@@ -75,7 +77,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
         checkpoint.check_model_config(resume_from, saved["model"], cfg.model.resolved())
-        state = checkpoint.load(resume_from, model, optimizer, cfg.parallel.distributed_optimizer)
+        state = checkpoint.resume(resume_from, engine)
         if parallel.is_main():
             print(f"resuming from {resume_from} (step {state['step']})")
     if state["finished"] and total_steps is not None and state["step"] < total_steps:
@@ -109,12 +111,11 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, tokenizer: Tokenizer,
         }
 
     training = Run(
-        run_dir=run_dir, model=model, optimizer=optimizer, data=loader, plan=plan,
+        run_dir=run_dir, engine=engine, data=loader, plan=plan,
         eval_fn=eval_fn, opt=cfg.opt, stop=cfg.stop, eval=cfg.eval, ckpt=cfg.ckpt,
         tokens_per_step=tokens_per_step, total_steps=total_steps,
         checkpoint_state=checkpoint_state, preempt=cfg.preempt,
         flops_per_token=flops_per_token(cfg.model),
-        distributed_optimizer=cfg.parallel.distributed_optimizer,
         **{k: state[k] for k in PROGRESS},
     )
     if parallel.is_main():

@@ -124,6 +124,17 @@ def test_study_presets_still_load():
     (["method=replace", "replay.source=real", "lam=0.01"], r"lam: .*got 0.01 \(0 replay rows"),
     (["method=replace", "replay.source=real", "lam=1", "opt.batch_size=1"],
      "opt.batch_size: method=replace needs at least 2 rows"),
+    (["deepspeed.stage=2"], "deepspeed.stage: has no effect with engine=megatron"),
+    (["engine=deepspeed", "parallel.pp=2"], "parallel.pp: 2 is megatron's"),
+    (["engine=deepspeed", "parallel.tp=2"], "parallel.tp: 2 is megatron's"),
+    (["engine=deepspeed", "parallel.distributed_optimizer=true"],
+     "parallel.distributed_optimizer: True is megatron's"),
+    (["engine=deepspeed", "deepspeed.stage=2", "deepspeed.offload_param=cpu"],
+     "deepspeed.offload_param: .* only stage 3"),
+    (["engine=deepspeed", "deepspeed.stage=4"], "deepspeed.stage: must be 1, 2 or 3"),
+    (["engine=deepspeed", "method=kl_pre", "replay.source=onthefly"],
+     "replay.source: onthefly .* ZeRO-3 partitions"),
+    (["engine=zero"], "engine: 'zero' is not one of megatron, deepspeed"),
 ])
 def test_finetune_settings_that_do_nothing_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
