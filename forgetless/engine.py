@@ -59,7 +59,7 @@ class Engine(Protocol):
 def core(model: torch.nn.Module) -> torch.nn.Module:
     """The model whose sharded_state_dict is the checkpoint: inside megatron's DDP (or
     DeepSpeed's engine), around the GPTModel or its bf16 wrapper."""
-    while not isinstance(model, GPTModel | Float16Module):
+    while not isinstance(model, GPTModel | Float16Module) and hasattr(model, "module"):
         model = model.module
     return model
 

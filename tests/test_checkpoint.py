@@ -15,7 +15,7 @@ import torch
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException
 
-from forgetless import atomic, checkpoint, runlock
+from forgetless import atomic, checkpoint, engine, runlock
 from forgetless.recipes import pretrain
 
 from .test_pretrain import _cfg
@@ -210,7 +210,7 @@ def test_load_maps_only_checkpoint_errors(tmp_path, monkeypatch, error, user):
     def failing_load(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(checkpoint.dist_checkpointing, "load", failing_load)
+    monkeypatch.setattr(engine.dist_checkpointing, "load", failing_load)
     if user:
         with pytest.raises(checkpoint.CheckpointError, match=f"{path}: cannot be loaded"):
             checkpoint.load(path, _Model())
